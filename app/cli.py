@@ -1,0 +1,62 @@
+"""The oci-pull-through command: healthcheck (and later gc, warm, ls)."""
+
+from __future__ import annotations
+
+import argparse
+import ssl
+import sys
+import urllib.request
+
+from dotenv import load_dotenv
+
+
+def healthcheck_url(listen_addr: str, tls: bool) -> str:
+    """The /healthz URL of the server bound to LISTEN_ADDR, reached over loopback."""
+    host, _, port = listen_addr.rpartition(":")
+    host = host.strip("[]")
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{'https' if tls else 'http'}://{host}:{port}/healthz"
+
+
+def healthcheck(timeout: float = 5.0) -> int:
+    """Exit status for container HEALTHCHECKs: 0 when /healthz answers 200."""
+    from app.config import Config, ConfigError
+
+    try:
+        config = Config.from_env()
+    except ConfigError as error:
+        print(f"oci-pull-through: {error}", file=sys.stderr)
+        return 1
+    url = healthcheck_url(config.listen_addr, config.generate_self_signed_tls)
+    context = ssl._create_unverified_context() if config.generate_self_signed_tls else None
+    try:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as response:
+            ok = response.status == 200
+    except OSError as error:
+        print(f"oci-pull-through: {url}: {error}", file=sys.stderr)
+        return 1
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script."""
+    load_dotenv()
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("-healthcheck", "--healthcheck"):
+        args[0] = "healthcheck"
+    parser = argparse.ArgumentParser(prog="oci-pull-through")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("healthcheck", help="probe /healthz on LISTEN_ADDR; exit 0 or 1")
+    parsed = parser.parse_args(args)
+    if parsed.command == "healthcheck":
+        return healthcheck()
+    return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Configuration: the only place that reads the environment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from app.errors import RegistryError
+from app.oci import normalize_registry, split_hostport
+
+TRANSPARENT, AUTHENTICATED = "transparent", "authenticated"
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+_LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
+
+
+class ConfigError(Exception):
+    """An invalid setting; str() is the one line printed at start-up."""
+
+    def __init__(self, name: str, value: str | None, allowed: str) -> None:
+        shown = "unset" if value is None else repr(value)
+        super().__init__(f"invalid configuration: {name}={shown}: {allowed}")
+        self.name = name
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of the proxy, typed and validated."""
+
+    proxy_mode: str
+    storage_backend: str = "s3"
+    listen_addr: str = ":8080"
+    generate_self_signed_tls: bool = False
+    log_level: str = "info"
+    log_format: str = "text"
+    cache_tag_manifests: bool = True
+    cache_latest_tag: bool = False
+    upstream_registry: str = "docker.io"
+    insecure_registries: frozenset[str] = frozenset()
+    allowed_registries: tuple[str, ...] = ("*",)
+    upstream_connect_timeout: float = 10.0
+    upstream_read_timeout: float = 60.0
+    tee_buffer_bytes: int = 16 * 1024 * 1024
+    fs_root: str = "/data/oci-cache"
+    s3_bucket: str = "oci-cache"
+    s3_prefix: str = ""
+    s3_force_path_style: bool = True
+    s3_lifecycle_days: int = 28
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
+        """Build and validate the configuration; raises ConfigError naming the bad variable."""
+        env = os.environ if environ is None else environ
+        reader = _Reader(env)
+        tls = reader.boolean("GENERATE_SELF_SIGNED_TLS", False)
+        return cls(
+            proxy_mode=reader.choice("PROXY_MODE", None, (TRANSPARENT, AUTHENTICATED)),
+            storage_backend=reader.choice("STORAGE_BACKEND", "s3", ("s3", "fs")),
+            listen_addr=reader.listen_addr("LISTEN_ADDR", ":8443" if tls else ":8080"),
+            generate_self_signed_tls=tls,
+            log_level=reader.choice("LOG_LEVEL", "info", _LOG_LEVELS).replace("warning", "warn"),
+            log_format=reader.choice("LOG_FORMAT", "text", ("text", "json")),
+            cache_tag_manifests=reader.boolean("CACHE_TAG_MANIFESTS", True),
+            cache_latest_tag=reader.boolean("CACHE_LATEST_TAG", False),
+            upstream_registry=reader.registry("UPSTREAM_REGISTRY", "docker.io"),
+            insecure_registries=frozenset(reader.registry_list("INSECURE_REGISTRIES")),
+            allowed_registries=reader.patterns("ALLOWED_REGISTRIES"),
+            upstream_connect_timeout=reader.seconds("UPSTREAM_CONNECT_TIMEOUT", 10.0),
+            upstream_read_timeout=reader.seconds("UPSTREAM_READ_TIMEOUT", 60.0),
+            tee_buffer_bytes=reader.integer("TEE_BUFFER_BYTES", 16 * 1024 * 1024, minimum=65536),
+            fs_root=reader.text("FS_ROOT", "/data/oci-cache"),
+            s3_bucket=reader.text("S3_BUCKET", "oci-cache"),
+            s3_prefix=reader.text("S3_PREFIX", "").strip("/"),
+            s3_force_path_style=reader.boolean("S3_FORCE_PATH_STYLE", True),
+            s3_lifecycle_days=reader.integer("S3_LIFECYCLE_DAYS", 28, minimum=0),
+        )
+
+
+class _Reader:
+    """Typed coercion of environment values, each failure a ConfigError."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def raw(self, name: str) -> str | None:
+        value = self.env.get(name)
+        if value is None or value.strip() == "":
+            return None
+        return value.strip()
+
+    def text(self, name: str, default: str) -> str:
+        value = self.raw(name)
+        return default if value is None else value
+
+    def choice(self, name: str, default: str | None, allowed: tuple[str, ...]) -> str:
+        value = self.raw(name)
+        if value is None and default is not None:
+            return default
+        if value is None or value.lower() not in allowed:
+            raise ConfigError(name, value, "allowed values are " + ", ".join(allowed))
+        return value.lower()
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.raw(name)
+        if value is None:
+            return default
+        if value.lower() in _TRUE:
+            return True
+        if value.lower() in _FALSE:
+            return False
+        raise ConfigError(name, value, "expected true or false")
+
+    def integer(self, name: str, default: int, *, minimum: int) -> int:
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            number = int(value)
+        except ValueError:
+            number = minimum - 1
+        if number < minimum:
+            raise ConfigError(name, value, f"expected an integer >= {minimum}")
+        return number
+
+    def seconds(self, name: str, default: float) -> float:
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            number = float(value.removesuffix("s"))
+        except ValueError:
+            number = -1.0
+        if not number > 0:
+            raise ConfigError(name, value, "expected a positive number of seconds")
+        return number
+
+    def registry(self, name: str, default: str) -> str:
+        value = self.raw(name) or default
+        try:
+            return normalize_registry(value)
+        except RegistryError:
+            raise ConfigError(name, value, "expected a registry host[:port]") from None
+
+    def registry_list(self, name: str) -> list[str]:
+        value = self.raw(name) or ""
+        items = [item.strip() for item in value.split(",") if item.strip()]
+        try:
+            return [normalize_registry(item) for item in items]
+        except RegistryError:
+            raise ConfigError(name, value, "expected comma-separated host[:port]") from None
+
+    def patterns(self, name: str) -> tuple[str, ...]:
+        value = self.raw(name) or "*"
+        items = [item.strip().lower() for item in value.split(",") if item.strip()]
+        try:
+            for item in items:
+                normalize_registry(item.replace("*", "x"))
+            items = [item if "*" in item else normalize_registry(item) for item in items]
+        except RegistryError:
+            raise ConfigError(name, value, "expected host[:port] patterns with *") from None
+        return tuple(items) or ("*",)
+
+    def listen_addr(self, name: str, default: str) -> str:
+        value = self.raw(name) or default
+        host, _, port = value.rpartition(":")
+        try:
+            if host:
+                split_hostport(value)
+            valid = port.isdigit() and 0 < int(port) < 65536
+        except ValueError:
+            valid = False
+        if not valid:
+            raise ConfigError(name, value, "expected [host]:port, for example :8080")
+        return value

@@ -1,0 +1,345 @@
+"""The read path: for each request, consult the policy, then the cache, upstream and the tee.
+
+No Flask here: every method returns a Reply that the blueprint turns into a response.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+import requests
+
+from app import policy
+from app.config import TRANSPARENT, Config
+from app.errors import UpstreamUnavailable
+from app.oci import BLOB, TAGS, Target, accepts
+from app.policy import Action
+from app.ranges import Unsatisfiable, parse_range
+from app.storage import NotFound, ObjectMeta, Storage, StoreError, keys, put
+from app.tee import Fill, tee
+from app.upstream import ClientHeaders, Upstream, iter_body
+
+log = logging.getLogger("oci_pull_through.proxy")
+
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+HIT, MISS, REDIRECT, BYPASS = "hit", "miss", "redirect", "bypass"
+_REPLAYED_BY_US = frozenset(
+    {"content-length", "content-range", "accept-ranges", "cache-control", "docker-content-digest"}
+)
+
+
+@dataclass
+class Reply:
+    """An HTTP answer, independent of the web framework."""
+
+    status: int
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: Iterable[bytes] | bytes = b""
+    file: BinaryIO | None = None  # positioned at the first byte to send
+    length: int | None = None  # bytes of file to send
+    outcome: str = BYPASS
+
+
+def _digest_of(data: bytes, algorithm: str) -> str:
+    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+
+
+def _header(response: requests.Response, name: str) -> str | None:
+    return response.headers.get(name)
+
+
+def _content_length(response: requests.Response) -> int | None:
+    value = response.headers.get("Content-Length", "")
+    return int(value) if value.isdigit() else None
+
+
+class Proxy:
+    """Answers registry reads from the cache or upstream, per the proxy mode."""
+
+    def __init__(self, config: Config, storage: Storage, upstream: Upstream) -> None:
+        self.config = config
+        self.storage = storage
+        self.upstream = upstream
+
+    # -- /v2/ ---------------------------------------------------------------------------
+
+    def ping(self, method: str, client: ClientHeaders) -> Reply:
+        """Forward the version check to the default upstream so clients learn its challenge."""
+        registry = self.config.upstream_registry
+        try:
+            response = self.upstream.send(method, registry, "/v2/", client, token_dance=False)
+        except UpstreamUnavailable:
+            if self.config.proxy_mode != TRANSPARENT:
+                raise
+            log.warning("upstream %s unreachable; answering /v2/ locally", registry)
+            return Reply(200, [("Content-Type", "application/json")], b"{}")
+        return self._forward(response, method)
+
+    # -- manifests ------------------------------------------------------------------------
+
+    def manifest(self, target: Target, method: str, client: ClientHeaders) -> Reply:
+        """A manifest by tag or digest (§5, §6)."""
+        key = keys.manifest(target.registry, target.name, target.reference)
+        cacheable = policy.is_cacheable(target, self.config)
+        meta = self._lookup(key) if cacheable else None
+        if (
+            meta is not None
+            and not target.is_digest
+            and not accepts(list(client.accept), meta.media_type)
+        ):
+            meta = None
+        action = policy.plan(self.config.proxy_mode, method, meta is not None, cacheable)
+        if action is Action.CHECK_THEN_SERVE and meta is not None:
+            check = self._send("HEAD", target, client)
+            check.close()
+            if check.status_code != 200:
+                action = Action.FORWARD
+            elif target.is_digest or _header(check, "Docker-Content-Digest") == meta.digest:
+                action = Action.SERVE
+            else:
+                action = Action.FORWARD_AND_FILL  # the tag moved upstream
+        if action is Action.SERVE and meta is not None:
+            reply = self._manifest_from_cache(target, key, meta, method)
+            if reply is not None:
+                return reply
+            action = policy.plan(self.config.proxy_mode, method, False, cacheable)
+        response = self._send(method, target, client)
+        if action is Action.FORWARD_AND_FILL and method == "GET" and response.status_code == 200:
+            return self._fill_manifest(target, key, response)
+        return self._forward(response, method)
+
+    def _manifest_from_cache(
+        self, target: Target, key: str, meta: ObjectMeta, method: str
+    ) -> Reply | None:
+        try:
+            with self.storage.open(key) as fh:
+                data = fh.read() if method == "GET" else b""
+        except (NotFound, StoreError) as exc:
+            log.warning("cached manifest %s unreadable (%s); going upstream", key, exc)
+            return None
+        return Reply(200, self._replay_headers(target, meta), data, outcome=HIT)
+
+    def _fill_manifest(self, target: Target, key: str, response: requests.Response) -> Reply:
+        headers = policy.forwardable_headers(response.headers.items())
+        length = _content_length(response)
+        if length is None or length > MAX_MANIFEST_BYTES:
+            return Reply(200, headers, iter_body(response), outcome=MISS)
+        try:
+            data = b"".join(iter_body(response))
+        except Exception as exc:  # truncated or reset mid-body
+            raise UpstreamUnavailable(target.registry, f"manifest body failed: {exc}") from None
+        digest = self._verified_manifest_digest(target, response, data, length)
+        if digest is not None:
+            meta = ObjectMeta(
+                digest=digest,
+                size=len(data),
+                media_type=response.headers.get("Content-Type", ""),
+                headers=tuple(policy.storable_headers(response.headers.items())),
+            )
+            stores = [key]
+            if not target.is_digest:
+                stores.append(keys.manifest(target.registry, target.name, digest))
+            try:
+                for store_key in stores:
+                    put(self.storage, store_key, [data], meta)
+            except StoreError as exc:
+                log.warning("cache commit of %s failed: %s", key, exc)
+        return Reply(200, headers, data, outcome=MISS)
+
+    def _verified_manifest_digest(
+        self, target: Target, response: requests.Response, data: bytes, length: int
+    ) -> str | None:
+        """The digest to store under, or None when the bytes cannot be trusted."""
+        if len(data) != length:
+            log.warning(
+                "manifest %s: %d bytes, Content-Length %d; not cached",
+                target.reference,
+                len(data),
+                length,
+            )
+            return None
+        expected = (
+            target.reference if target.is_digest else _header(response, "Docker-Content-Digest")
+        )
+        if not expected or ":" not in expected:
+            log.warning("manifest %s has no Docker-Content-Digest; not cached", target.reference)
+            return None
+        algorithm = expected.split(":", 1)[0]
+        if algorithm not in ("sha256", "sha512") or _digest_of(data, algorithm) != expected:
+            log.warning(
+                "manifest %s does not match digest %s; not cached", target.reference, expected
+            )
+            return None
+        return expected
+
+    # -- blobs ----------------------------------------------------------------------------
+
+    def blob(self, target: Target, method: str, client: ClientHeaders) -> Reply:
+        """A blob: always cached, served with sendfile or a presigned redirect on a hit."""
+        key = keys.blob(target.reference)
+        meta = self._lookup(key)
+        action = policy.plan(self.config.proxy_mode, method, meta is not None, True)
+        if action is Action.CHECK_THEN_SERVE and meta is not None:
+            check = self._send("HEAD", target, client, follow_redirects=True)
+            check.close()
+            action = Action.SERVE if check.status_code == 200 else Action.FORWARD
+        if action is Action.SERVE and meta is not None:
+            reply = self._blob_from_cache(target, key, meta, method, client)
+            if reply is not None:
+                return reply
+            action = policy.plan(self.config.proxy_mode, method, False, True)
+        response = self._send(method, target, client, forward_range=True, follow_redirects=True)
+        if action is Action.FORWARD_AND_FILL and method == "GET" and response.status_code == 200:
+            return self._fill_blob(target, key, response)
+        return self._forward(response, method)
+
+    def _blob_from_cache(
+        self, target: Target, key: str, meta: ObjectMeta, method: str, client: ClientHeaders
+    ) -> Reply | None:
+        headers = self._replay_headers(target, meta)
+        try:
+            url = self.storage.presign(key, meta)
+        except StoreError as exc:
+            log.warning("presigning %s failed (%s); going upstream", key, exc)
+            return None
+        if url is not None:
+            headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+            return Reply(
+                307, [*headers, ("Location", url), ("Content-Length", "0")], outcome=REDIRECT
+            )
+        use_range = client.range and (
+            not client.if_range or client.if_range.strip('"') in (meta.digest, _etag(meta))
+        )
+        try:
+            span = parse_range(client.range if use_range else None, meta.size)
+        except Unsatisfiable:
+            headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+            return Reply(
+                416,
+                [*headers, ("Content-Range", f"bytes */{meta.size}"), ("Content-Length", "0")],
+                outcome=HIT,
+            )
+        if method == "HEAD":
+            return Reply(200, headers, outcome=HIT)
+        try:
+            fh = self.storage.open(key)
+        except (NotFound, StoreError) as exc:
+            log.warning("cached blob %s unreadable (%s); going upstream", key, exc)
+            return None
+        if span is None:
+            return Reply(200, headers, file=fh, length=meta.size, outcome=HIT)
+        fh.seek(span.start)
+        headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+        headers += [
+            ("Content-Range", span.content_range(meta.size)),
+            ("Content-Length", str(span.length)),
+        ]
+        return Reply(206, headers, file=fh, length=span.length, outcome=HIT)
+
+    def _fill_blob(self, target: Target, key: str, response: requests.Response) -> Reply:
+        stored = tuple(policy.storable_headers(response.headers.items()))
+        media_type = response.headers.get("Content-Type", "application/octet-stream")
+
+        def make_meta(digest: str, size: int) -> ObjectMeta:
+            return ObjectMeta(digest=digest, size=size, media_type=media_type, headers=stored)
+
+        def on_result(result: str) -> None:
+            log.info("cache fill %s: %s", target.reference[:19], result)
+
+        fill = Fill(
+            self.storage.writer(key),
+            expected_digest=target.reference,
+            expected_size=_content_length(response),
+            make_meta=make_meta,
+            buffer_bytes=self.config.tee_buffer_bytes,
+            on_result=on_result,
+        )
+        headers = policy.forwardable_headers(response.headers.items())
+        return Reply(200, headers, tee(iter_body(response), fill), outcome=MISS)
+
+    # -- pass-through -----------------------------------------------------------------------
+
+    def passthrough(
+        self, target: Target, client: ClientHeaders, params: list[tuple[str, str]]
+    ) -> Reply:
+        """tags/list and referrers go straight to upstream, uncached."""
+        response = self._send("GET", target, client, params=params)
+        reply = self._forward(response, "GET")
+        if target.kind == TAGS and target.client_name != target.name:
+            reply.headers = [
+                (k, v.replace(f"/v2/{target.name}/", f"/v2/{target.client_name}/"))
+                if k.lower() == "link"
+                else (k, v)
+                for k, v in reply.headers
+            ]
+        return reply
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _lookup(self, key: str) -> ObjectMeta | None:
+        try:
+            return self.storage.stat(key)
+        except NotFound:
+            return None
+        except StoreError as exc:
+            log.warning("cache lookup of %s failed (%s); going upstream", key, exc)
+            return None
+
+    def _send(
+        self,
+        method: str,
+        target: Target,
+        client: ClientHeaders,
+        *,
+        params: list[tuple[str, str]] | None = None,
+        forward_range: bool = False,
+        follow_redirects: bool = False,
+    ) -> requests.Response:
+        endpoint = {
+            "manifest": "manifests",
+            "blob": "blobs",
+            "referrers": "referrers",
+            "tags": "tags",
+        }[target.kind]
+        path = f"/v2/{target.name}/{endpoint}/{target.reference}"
+        return self.upstream.send(
+            method,
+            target.registry,
+            path,
+            client,
+            name=target.name,
+            params=params,
+            forward_range=forward_range,
+            follow_redirects=follow_redirects,
+        )
+
+    def _forward(self, response: requests.Response, method: str) -> Reply:
+        headers = policy.forwardable_headers(response.headers.items())
+        if method == "HEAD":
+            response.close()
+            return Reply(response.status_code, headers)
+        return Reply(response.status_code, headers, iter_body(response))
+
+    def _replay_headers(self, target: Target, meta: ObjectMeta) -> list[tuple[str, str]]:
+        headers = [(k, v) for k, v in meta.headers if k.lower() not in _REPLAYED_BY_US]
+        if not any(k.lower() == "content-type" for k, _ in headers):
+            headers.append(("Content-Type", meta.media_type or "application/octet-stream"))
+        headers += [
+            ("Content-Length", str(meta.size)),
+            ("Docker-Content-Digest", meta.digest),
+            ("Cache-Control", policy.cache_control(target)),
+        ]
+        if target.kind == BLOB:
+            headers.append(("Accept-Ranges", "bytes"))
+        return headers
+
+
+def _etag(meta: ObjectMeta) -> str | None:
+    for k, v in meta.headers:
+        if k.lower() == "etag":
+            return v.strip('"')
+    return None

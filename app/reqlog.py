@@ -1,0 +1,122 @@
+"""The request log line: one per request, written when the last byte has gone out."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+access_log = logging.getLogger("oci_pull_through.access")
+
+
+@dataclass
+class RequestRecord:
+    """What the log line says about one request; never credentials."""
+
+    method: str
+    repository: str = "-"
+    kind: str = "-"
+    reference: str = "-"
+    status: int = 0
+    outcome: str = "-"
+    bytes_sent: int = 0
+    started: float = field(default_factory=time.monotonic)
+    json_format: bool = False
+    _done: bool = False
+
+    def finish(self) -> None:
+        """Emit the line once."""
+        if self._done:
+            return
+        self._done = True
+        duration_ms = (time.monotonic() - self.started) * 1000
+        ref = self.reference
+        if ":" in ref and len(ref) > 19:
+            ref = ref[:19]  # sha256: plus 12 hex digits
+        if self.json_format:
+            access_log.info(
+                json.dumps(
+                    {
+                        "method": self.method,
+                        "repository": self.repository,
+                        "kind": self.kind,
+                        "reference": ref,
+                        "status": self.status,
+                        "cache": self.outcome,
+                        "bytes": self.bytes_sent,
+                        "duration_ms": round(duration_ms, 2),
+                    }
+                )
+            )
+        else:
+            access_log.info(
+                "%s %s %s %s %d %s %dB %.1fms",
+                self.method,
+                self.repository,
+                self.kind,
+                ref,
+                self.status,
+                self.outcome,
+                self.bytes_sent,
+                duration_ms,
+            )
+
+
+def counted(body: Iterable[bytes], record: RequestRecord) -> Iterator[bytes]:
+    """Count the bytes of a streamed body and log when it ends, however it ends."""
+    try:
+        for chunk in body:
+            record.bytes_sent += len(chunk)
+            yield chunk
+    except GeneratorExit:
+        record.outcome = "error" if record.outcome == "-" else record.outcome
+        raise
+    finally:
+        close = getattr(body, "close", None)
+        if close is not None:
+            close()
+        record.finish()
+
+
+@functools.cache
+def _logging_wrapper(base: type) -> type:
+    class LoggingFileWrapper(base):  # type: ignore[misc,valid-type]
+        """The server's own file wrapper (so it still uses sendfile), logging on close."""
+
+        record: RequestRecord | None = None
+
+        def close(self) -> None:
+            try:
+                super().close()
+            finally:
+                if self.record is not None:
+                    self.record.finish()
+
+    return LoggingFileWrapper
+
+
+def wrap_file(base: type, fh: BinaryIO, record: RequestRecord, block_size: int) -> object:
+    """Wrap a file with the server's wsgi.file_wrapper class, logging the request on close."""
+    wrapper = _logging_wrapper(base)(fh, block_size)
+    wrapper.record = record
+    return wrapper
+
+
+def read_span(fh: BinaryIO, length: int, record: RequestRecord, block_size: int) -> Iterator[bytes]:
+    """Stream length bytes of a file for servers without wsgi.file_wrapper (flask run)."""
+    remaining = length
+    try:
+        while remaining > 0:
+            block = fh.read(min(block_size, remaining))
+            if not block:
+                break
+            remaining -= len(block)
+            record.bytes_sent += len(block)
+            yield block
+    finally:
+        fh.close()
+        record.finish()

@@ -1,0 +1,110 @@
+"""The storage interface shared by the filesystem and S3 backends."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, BinaryIO, Protocol
+
+if TYPE_CHECKING:
+    from app.config import Config
+
+
+class NotFound(Exception):
+    """The object is not in the cache (or was never committed)."""
+
+
+class StoreError(Exception):
+    """The backend failed; the caller falls back to upstream or abandons the fill."""
+
+
+@dataclass(frozen=True)
+class ObjectMeta:
+    """What the sidecar records about a committed object."""
+
+    digest: str
+    size: int
+    media_type: str
+    headers: tuple[tuple[str, str], ...] = ()
+    stored_at: float = field(default_factory=time.time)
+
+    def to_json(self) -> bytes:
+        """Serialise for the sidecar."""
+        return json.dumps(
+            {
+                "digest": self.digest,
+                "size": self.size,
+                "media_type": self.media_type,
+                "headers": [list(h) for h in self.headers],
+                "stored_at": self.stored_at,
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> ObjectMeta:
+        """Parse a sidecar; a damaged one counts as a missing object."""
+        try:
+            raw = json.loads(data)
+            return cls(
+                digest=str(raw["digest"]),
+                size=int(raw["size"]),
+                media_type=str(raw["media_type"]),
+                headers=tuple((str(k), str(v)) for k, v in raw["headers"]),
+                stored_at=float(raw["stored_at"]),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise NotFound(f"unreadable sidecar: {exc}") from None
+
+
+class BlobWriter(Protocol):
+    """A pending object: invisible until commit, gone after abort."""
+
+    def write(self, chunk: bytes) -> None: ...
+
+    def commit(self, meta: ObjectMeta) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class Storage(Protocol):
+    """The one storage interface; both backends pass tests/unit/test_storage_contract.py."""
+
+    def stat(self, key: str) -> ObjectMeta: ...
+
+    def open(self, key: str) -> BinaryIO: ...
+
+    def writer(self, key: str) -> BlobWriter: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def presign(self, key: str, meta: ObjectMeta) -> str | None: ...
+
+
+def put(storage: Storage, key: str, chunks: Iterable[bytes], meta: ObjectMeta) -> None:
+    """Store already-verified bytes (small objects such as manifests) in one go."""
+    writer = storage.writer(key)
+    try:
+        for chunk in chunks:
+            writer.write(chunk)
+        writer.commit(meta)
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def make_storage(config: Config) -> Storage:
+    """Build the backend STORAGE_BACKEND names."""
+    from app.config import ConfigError
+
+    if config.storage_backend == "fs":
+        from app.storage.fs import FilesystemStorage
+
+        return FilesystemStorage(config.fs_root)
+    raise ConfigError(
+        "STORAGE_BACKEND",
+        config.storage_backend,
+        "the S3 backend is not implemented yet; set STORAGE_BACKEND=fs",
+    )

@@ -1,0 +1,135 @@
+"""Filesystem backend: temp file plus rename, the sidecar renamed last as the commit marker."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from typing import BinaryIO
+
+from app.blocking import run_blocking
+from app.storage import NotFound, ObjectMeta, StoreError
+from app.storage.keys import sidecar
+
+TEMP_PREFIX = ".tmp-"
+
+
+class FilesystemStorage:
+    """Objects as plain files under FS_ROOT, so hits can be served with sendfile."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        os.makedirs(self.root, exist_ok=True)
+
+    def path(self, key: str) -> str:
+        """Map a key to a path; keys come from app.storage.keys, this is a last safety net."""
+        parts = key.split("/")
+        if any(part in ("", ".", "..") for part in parts):
+            raise ValueError(f"unsafe storage key {key!r}")
+        return os.path.join(self.root, *parts)
+
+    def stat(self, key: str) -> ObjectMeta:
+        """Read the sidecar: an object without one does not exist."""
+        try:
+            with open(self.path(sidecar(key)), "rb") as fh:
+                return ObjectMeta.from_json(fh.read())
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFound(key) from None
+        except OSError as exc:
+            raise StoreError(f"reading sidecar of {key}: {exc}") from exc
+
+    def open(self, key: str) -> BinaryIO:
+        """An unbuffered file, so the server can hand its descriptor to sendfile."""
+        try:
+            return open(self.path(key), "rb", buffering=0)
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFound(key) from None
+        except OSError as exc:
+            raise StoreError(f"opening {key}: {exc}") from exc
+
+    def writer(self, key: str) -> FilesystemWriter:
+        """Start a write that nobody can see until commit."""
+        return FilesystemWriter(self.path(key), self.path(sidecar(key)))
+
+    def delete(self, key: str) -> None:
+        """Remove sidecar first, so a half-deleted object is already invisible."""
+        for path in (self.path(sidecar(key)), self.path(key)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def presign(self, key: str, meta: ObjectMeta) -> str | None:
+        """Filesystem hits are served by the proxy itself."""
+        return None
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    """Write every byte (os.write may write fewer)."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+class FilesystemWriter:
+    """A temp file in the target directory, renamed into place on commit."""
+
+    def __init__(self, data_path: str, sidecar_path: str) -> None:
+        self.data_path = data_path
+        self.sidecar_path = sidecar_path
+        self._fd: int | None = None
+        self._temp: str | None = None
+        self._done = False
+
+    def _open(self) -> int:
+        if self._fd is None:
+            directory = os.path.dirname(self.data_path)
+            try:
+                os.makedirs(directory, exist_ok=True)
+                self._fd, self._temp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
+            except OSError as exc:
+                raise StoreError(f"creating temp file in {directory}: {exc}") from exc
+        return self._fd
+
+    def write(self, chunk: bytes) -> None:
+        """Append to the temp file."""
+        if self._done:
+            raise StoreError("write after commit or abort")
+        try:
+            run_blocking(_write_all, self._open(), chunk)
+        except OSError as exc:
+            raise StoreError(f"writing {self.data_path}: {exc}") from exc
+
+    def commit(self, meta: ObjectMeta) -> None:
+        """Make the verified object visible: data renamed first, then the sidecar."""
+        fd = self._open()
+        try:
+            run_blocking(os.fsync, fd)
+            os.close(fd)
+            self._fd = None
+            os.rename(self._temp, self.data_path)  # type: ignore[arg-type]
+            self._temp = None
+            side_fd, side_temp = tempfile.mkstemp(
+                prefix=TEMP_PREFIX, dir=os.path.dirname(self.sidecar_path)
+            )
+            try:
+                _write_all(side_fd, meta.to_json())
+                os.fsync(side_fd)
+            finally:
+                os.close(side_fd)
+            os.rename(side_temp, self.sidecar_path)
+        except OSError as exc:
+            self.abort()
+            raise StoreError(f"committing {self.data_path}: {exc}") from exc
+        self._done = True
+
+    def abort(self) -> None:
+        """Drop the temp file; idempotent, never raises."""
+        self._done = True
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        if self._temp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._temp)
+            self._temp = None

@@ -1,0 +1,241 @@
+"""Talking to upstream registries: URLs, header forwarding, token exchange, timeouts, SSRF guard."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import requests
+
+from app.config import TRANSPARENT, Config
+from app.errors import Denied, UpstreamUnavailable
+from app.netguard import BlockedAddress, Guard, GuardedAdapter, matches_allowlist
+from app.oci import api_host
+
+CHUNK_SIZE = 1024 * 1024
+_CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"([^"]*)"|([^\s,]+))')
+
+
+@dataclass(frozen=True)
+class ClientHeaders:
+    """The request headers of the client that matter upstream."""
+
+    authorization: str | None = None
+    accept: tuple[str, ...] = ()
+    range: str | None = None
+    if_range: str | None = None
+    user_agent: str | None = None
+
+
+@dataclass
+class _Token:
+    value: str
+    expires_at: float
+
+
+@dataclass
+class TokenCache:
+    """Anonymous Bearer tokens per (registry, scope), dropped shortly before they expire."""
+
+    margin: float = 10.0
+    _tokens: dict[tuple[str, str], _Token] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def get(self, registry: str, scope: str) -> str | None:
+        """A still-valid token, or None."""
+        with self._lock:
+            token = self._tokens.get((registry, scope))
+            if token is None or token.expires_at <= time.monotonic():
+                self._tokens.pop((registry, scope), None)
+                return None
+            return token.value
+
+    def put(self, registry: str, scope: str, value: str, expires_in: float) -> None:
+        """Remember a token for its lifetime less the safety margin."""
+        lifetime = max(0.0, expires_in - min(self.margin, expires_in / 2))
+        with self._lock:
+            self._tokens[(registry, scope)] = _Token(value, time.monotonic() + lifetime)
+
+    def drop(self, registry: str, scope: str) -> None:
+        """Forget a token upstream rejected."""
+        with self._lock:
+            self._tokens.pop((registry, scope), None)
+
+
+def parse_bearer_challenge(header: str | None) -> dict[str, str] | None:
+    """The parameters of a Bearer WWW-Authenticate challenge, or None for other schemes."""
+    if not header:
+        return None
+    scheme, _, rest = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    params = {
+        m.group(1).lower(): m.group(2) if m.group(2) is not None else m.group(3)
+        for m in _CHALLENGE_PARAM.finditer(rest)
+    }
+    return params if params.get("realm") else None
+
+
+def iter_body(response: requests.Response) -> Iterator[bytes]:
+    """The raw body bytes as upstream sent them, releasing the connection at the end."""
+    try:
+        yield from response.raw.stream(CHUNK_SIZE, decode_content=False)
+    finally:
+        response.close()
+
+
+class Upstream:
+    """One pooled session per worker; every call goes through the allowlist and the SSRF guard."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.tokens = TokenCache()
+        self.session = requests.Session()
+        self.session.trust_env = False
+        self.session.max_redirects = 5
+        self.session.headers["Accept-Encoding"] = "identity"
+        guard = Guard.from_lists(config.allowed_registries, config.insecure_registries)
+        adapter = GuardedAdapter(guard, pool_connections=16, pool_maxsize=64, max_retries=0)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self.timeout = (config.upstream_connect_timeout, config.upstream_read_timeout)
+
+    def check_allowed(self, registry: str) -> None:
+        """ALLOWED_REGISTRIES decides which upstreams a request may name."""
+        if not matches_allowlist(registry, self.config.allowed_registries):
+            raise Denied(f"registry {registry} is not in ALLOWED_REGISTRIES")
+
+    def url(self, registry: str, path: str) -> str:
+        """Plain HTTP only for INSECURE_REGISTRIES."""
+        scheme = "http" if registry in self.config.insecure_registries else "https"
+        return f"{scheme}://{api_host(registry)}{path}"
+
+    def send(
+        self,
+        method: str,
+        registry: str,
+        path: str,
+        client: ClientHeaders,
+        *,
+        name: str | None = None,
+        params: Mapping[str, str] | list[tuple[str, str]] | None = None,
+        forward_range: bool = False,
+        follow_redirects: bool = False,
+        token_dance: bool = True,
+    ) -> requests.Response:
+        """Send one request upstream, with the anonymous token dance and the transparent retry."""
+        self.check_allowed(registry)
+        headers = self._forward_headers(client, forward_range)
+        default_scope = f"repository:{name}:pull" if name else ""
+        used_cached = False
+        if client.authorization is None and default_scope:
+            cached = self.tokens.get(registry, default_scope)
+            if cached:
+                headers["Authorization"] = f"Bearer {cached}"
+                used_cached = True
+        url = self.url(registry, path)
+        response = self._request(method, registry, url, headers, params, follow_redirects)
+        if response.status_code != 401:
+            return response
+        challenge = parse_bearer_challenge(response.headers.get("WWW-Authenticate"))
+        retry_anonymously = client.authorization is None or self.config.proxy_mode == TRANSPARENT
+        if challenge is None or not retry_anonymously or not token_dance:
+            return response
+        scope = challenge.get("scope", default_scope)
+        if used_cached:
+            self.tokens.drop(registry, default_scope)
+        token = self.anonymous_token(registry, challenge, scope)
+        if token is None:
+            return response
+        _ = response.content  # keep the original 401 to forward if the retry fails too
+        retry_headers = dict(headers, Authorization=f"Bearer {token}")
+        retry = self._request(method, registry, url, retry_headers, params, follow_redirects)
+        if retry.status_code == 401:
+            retry.close()
+            return response
+        response.close()
+        return retry
+
+    def anonymous_token(
+        self, registry: str, challenge: Mapping[str, str], scope: str
+    ) -> str | None:
+        """Fetch (or reuse) an anonymous token from the challenge's realm; None on any failure."""
+        if scope:
+            cached = self.tokens.get(registry, scope)
+            if cached:
+                return cached
+        params = {k: v for k, v in (("service", challenge.get("service")), ("scope", scope)) if v}
+        try:
+            reply = self.session.get(
+                challenge["realm"], params=params, timeout=self.timeout, allow_redirects=False
+            )
+        except BlockedAddress as exc:
+            raise Denied(f"token realm of {registry} refused: {exc}") from None
+        except requests.RequestException:
+            return None
+        with reply:
+            if reply.status_code != 200:
+                return None
+            try:
+                body = reply.json()
+            except ValueError:
+                return None
+        token = body.get("token") or body.get("access_token")
+        if not isinstance(token, str) or not token:
+            return None
+        try:
+            expires_in = float(body.get("expires_in") or 60)
+        except (TypeError, ValueError):
+            expires_in = 60.0
+        if scope:
+            self.tokens.put(registry, scope, token, expires_in)
+        return token
+
+    def _forward_headers(self, client: ClientHeaders, forward_range: bool) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        if client.authorization:
+            headers["Authorization"] = client.authorization
+        if client.accept:
+            headers["Accept"] = ", ".join(client.accept)
+        if client.user_agent:
+            headers["User-Agent"] = client.user_agent
+        if forward_range and client.range:
+            headers["Range"] = client.range
+            if client.if_range:
+                headers["If-Range"] = client.if_range
+        return headers
+
+    def _request(
+        self,
+        method: str,
+        registry: str,
+        url: str,
+        headers: dict[str, str],
+        params: Mapping[str, str] | list[tuple[str, str]] | None,
+        follow_redirects: bool,
+    ) -> requests.Response:
+        try:
+            return self.session.request(
+                method,
+                url,
+                headers=headers,
+                params=params,
+                stream=True,
+                timeout=self.timeout,
+                allow_redirects=follow_redirects,
+            )
+        except BlockedAddress as exc:
+            raise Denied(f"upstream {registry} refused: {exc}") from None
+        except requests.RequestException as exc:
+            raise UpstreamUnavailable(registry, _describe(exc)) from None
+
+
+def _describe(exc: requests.RequestException) -> str:
+    if isinstance(exc, requests.Timeout):
+        return "timed out"
+    if isinstance(exc, requests.TooManyRedirects):
+        return "too many redirects"
+    return "connection failed"
