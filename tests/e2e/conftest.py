@@ -1,0 +1,86 @@
+"""Fixtures for end-to-end tests: real registries, real images, the real proxy on loopback."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from harness import BuiltImage, Registry, TokenServer, build_image, ensure_alias
+from harness.proxyproc import ProxyServer
+
+USER, PASSWORD = "alice", "s3cret-pw"
+ALIAS, ALIAS_IP = "upstream.test", "127.0.0.2"
+REQUIRED = ("docker-registry", "skopeo", "htpasswd", "strace")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tools() -> None:
+    """Missing tools fail the suite; they are never a reason to skip."""
+    missing = [tool for tool in REQUIRED if shutil.which(tool) is None]
+    assert not missing, f"end-to-end tests need {missing} (see .ci/run)"
+
+
+@pytest.fixture(scope="session")
+def image(tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
+    """A two-platform image (OCI index) with small gzip layers."""
+    return build_image(tmp_path_factory.mktemp("layout"), "v1", layer_sizes=(4096, 300_000))
+
+
+@pytest.fixture(scope="session")
+def big_image(tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
+    """A single-platform image with an 8 MiB uncompressed layer, for streaming tests."""
+    return build_image(
+        tmp_path_factory.mktemp("big-layout"), "big", platforms=("linux/amd64",),
+        layer_sizes=(8 * 1024 * 1024,), compression="none",
+    )
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory, image: BuiltImage,
+             big_image: BuiltImage) -> Iterator[Registry]:
+    """An anonymous registry on 127.0.0.1 holding e2e/app:v1 and e2e/big:big."""
+    with Registry(tmp_path_factory.mktemp("upstream")) as registry:
+        image.push(f"docker://{registry.host}/e2e/app:v1")
+        big_image.push(f"docker://{registry.host}/e2e/big:big")
+        yield registry
+
+
+@pytest.fixture(scope="module")
+def alias_upstream(tmp_path_factory: pytest.TempPathFactory,
+                   image: BuiltImage) -> Iterator[Registry]:
+    """An anonymous registry reachable by the port-less name upstream.test (127.0.0.2:80)."""
+    ensure_alias(ALIAS, ALIAS_IP)
+    with Registry(tmp_path_factory.mktemp("alias-upstream"), host=ALIAS_IP, port=80,
+                  hostname=ALIAS) as registry:
+        image.push(f"docker://{registry.host}/e2e/app:v1")
+        yield registry
+
+
+@pytest.fixture(scope="module")
+def token_upstream(tmp_path_factory: pytest.TempPathFactory,
+                   image: BuiltImage) -> Iterator[tuple[Registry, TokenServer]]:
+    """A token-auth registry: public/app pullable anonymously, private/app only by alice."""
+    work = tmp_path_factory.mktemp("token-upstream")
+    tokens = TokenServer(work / "tokens", users={USER: PASSWORD}, acl={USER: {"*": ["*"]}},
+                         anonymous_pull=["public/*"])
+    with tokens, Registry(work / "registry", auth="token", token_server=tokens) as registry:
+        for repo in ("public/app", "private/app"):
+            image.push(f"docker://{registry.host}/{repo}:v1", creds=f"{USER}:{PASSWORD}")
+        yield registry, tokens
+
+
+@pytest.fixture
+def make_proxy(tmp_path: Path) -> Iterator[Callable[..., ProxyServer]]:
+    """Start proxies with the given environment; all are stopped at the end of the test."""
+    started: list[ProxyServer] = []
+
+    def make(env: dict[str, str] | None = None, **kwargs: object) -> ProxyServer:
+        proxy = ProxyServer(tmp_path / f"proxy{len(started)}", env or {}, **kwargs)  # type: ignore[arg-type]
+        started.append(proxy)
+        return proxy.start()
+
+    yield make
+    for proxy in started:
+        proxy.stop()

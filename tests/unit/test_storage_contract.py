@@ -1,0 +1,279 @@
+"""The storage contract (SPEC §8): every backend must pass this one suite.
+
+To add a backend, add an entry to BACKENDS: a callable taking pytest's tmp_path and
+returning a Backend, i.e. the storage under test plus two raw helpers that bypass the
+Storage protocol (used to damage sidecars and to see exactly what is stored).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from app.storage import NotFound, ObjectMeta, Storage, keys, put
+from app.storage.fs import FilesystemStorage
+
+DIGEST = "sha256:" + "ab" * 32
+OTHER = "sha256:" + "cd" * 32
+
+
+@dataclass
+class Backend:
+    """A storage under test and raw access to whatever it stores."""
+
+    storage: Storage
+    write_raw: Callable[[str, bytes], None]  # put bytes at a key, bypassing the protocol
+    list_raw: Callable[[], set[str]]  # every key present, sidecars and leftovers included
+
+
+def _fs_backend(tmp_path: Path) -> Backend:
+    root = tmp_path / "cache"
+    storage = FilesystemStorage(str(root))
+
+    def write_raw(key: str, data: bytes) -> None:
+        path = Path(storage.path(key))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+    def list_raw() -> set[str]:
+        found = set()
+        for directory, _, files in os.walk(root):
+            for name in files:
+                found.add(os.path.relpath(os.path.join(directory, name), root).replace(os.sep, "/"))
+        return found
+
+    return Backend(storage, write_raw, list_raw)
+
+
+BACKENDS: dict[str, Callable[[Path], Backend]] = {
+    "fs": _fs_backend,
+}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    yield BACKENDS[request.param](tmp_path)
+
+
+@pytest.fixture
+def storage(backend: Backend) -> Storage:
+    return backend.storage
+
+
+def meta(data: bytes = b"hello", digest: str = DIGEST, **kwargs: object) -> ObjectMeta:
+    fields: dict[str, object] = {
+        "digest": digest,
+        "size": len(data),
+        "media_type": "application/vnd.oci.image.layer.v1.tar+gzip",
+        "headers": (("ETag", f'"{digest}"'), ("X-Upstream", "a"), ("X-Upstream", "b")),
+        "stored_at": 1700000000.25,
+    }
+    fields.update(kwargs)
+    return ObjectMeta(**fields)  # type: ignore[arg-type]
+
+
+def read(storage: Storage, key: str) -> bytes:
+    with storage.open(key) as fh:
+        return fh.read()
+
+
+def store(storage: Storage, key: str, data: bytes, object_meta: ObjectMeta) -> None:
+    writer = storage.writer(key)
+    for i in range(0, len(data), 3):
+        writer.write(data[i : i + 3])
+    writer.commit(object_meta)
+
+
+BLOB = keys.blob(DIGEST)
+TAG = keys.manifest("registry.test:5000", "org/app", "v1.2.3")
+
+
+def test_stat_of_missing_object_raises_not_found(storage: Storage) -> None:
+    with pytest.raises(NotFound):
+        storage.stat(BLOB)
+
+
+def test_open_of_missing_object_raises_not_found(storage: Storage) -> None:
+    with pytest.raises(NotFound):
+        storage.open(BLOB)
+
+
+def test_writer_is_invisible_before_commit(storage: Storage) -> None:
+    writer = storage.writer(BLOB)
+    writer.write(b"hello")
+    with pytest.raises(NotFound):
+        storage.stat(BLOB)
+    with pytest.raises(NotFound):
+        storage.open(BLOB)
+    writer.commit(meta())
+    assert read(storage, BLOB) == b"hello"
+
+
+@pytest.mark.parametrize("key", [BLOB, TAG, keys.manifest("docker.io", "library/alpine", OTHER)])
+def test_commit_makes_object_visible(storage: Storage, key: str) -> None:
+    data = bytes(range(256)) * 40
+    expected = meta(data)
+    store(storage, key, data, expected)
+    assert storage.stat(key) == expected
+    assert read(storage, key) == data
+
+
+def test_empty_object(storage: Storage) -> None:
+    store(storage, BLOB, b"", meta(b""))
+    assert storage.stat(BLOB).size == 0
+    assert read(storage, BLOB) == b""
+
+
+def test_abort_leaves_nothing(backend: Backend) -> None:
+    storage = backend.storage
+    writer = storage.writer(BLOB)
+    writer.write(b"partial")
+    writer.abort()
+    with pytest.raises(NotFound):
+        storage.stat(BLOB)
+    with pytest.raises(NotFound):
+        storage.open(BLOB)
+    assert backend.list_raw() == set()
+
+
+def test_abort_without_writes_and_twice(backend: Backend) -> None:
+    writer = backend.storage.writer(BLOB)
+    writer.abort()
+    writer.abort()
+    assert backend.list_raw() == set()
+
+
+def test_committed_object_is_stored_under_its_key_and_sidecar_only(backend: Backend) -> None:
+    store(backend.storage, TAG, b"manifest", meta(b"manifest"))
+    assert backend.list_raw() == {TAG, keys.sidecar(TAG)}
+
+
+def test_delete_removes_sidecar_and_data(backend: Backend) -> None:
+    storage = backend.storage
+    store(storage, BLOB, b"hello", meta())
+    storage.delete(BLOB)
+    with pytest.raises(NotFound):
+        storage.stat(BLOB)
+    with pytest.raises(NotFound):
+        storage.open(BLOB)
+    assert backend.list_raw() == set()
+
+
+def test_delete_of_missing_object_is_quiet(storage: Storage) -> None:
+    storage.delete(BLOB)
+    with pytest.raises(NotFound):
+        storage.stat(BLOB)
+
+
+def test_delete_leaves_other_objects(storage: Storage) -> None:
+    store(storage, BLOB, b"one", meta(b"one"))
+    store(storage, keys.blob(OTHER), b"two", meta(b"two", OTHER))
+    storage.delete(BLOB)
+    assert read(storage, keys.blob(OTHER)) == b"two"
+
+
+def test_overwrite_replaces_data_and_meta(storage: Storage) -> None:
+    store(storage, TAG, b"old manifest", meta(b"old manifest", DIGEST))
+    new_meta = meta(b"new", OTHER, media_type="application/vnd.oci.image.index.v1+json")
+    store(storage, TAG, b"new", new_meta)
+    assert storage.stat(TAG) == new_meta
+    assert read(storage, TAG) == b"new"
+
+
+def test_aborted_overwrite_keeps_the_old_object(storage: Storage) -> None:
+    old = meta(b"old")
+    store(storage, TAG, b"old", old)
+    writer = storage.writer(TAG)
+    writer.write(b"new bytes")
+    writer.abort()
+    assert storage.stat(TAG) == old
+    assert read(storage, TAG) == b"old"
+
+
+def test_objects_are_independent(storage: Storage) -> None:
+    a = keys.manifest("registry.test", "org/app", "v1")
+    b = keys.manifest("registry.test", "org/app", "v2")
+    c = keys.manifest("other.test", "org/app", "v1")
+    store(storage, a, b"a", meta(b"a"))
+    assert all(_missing(storage, k) for k in (b, c))
+
+
+def _missing(storage: Storage, key: str) -> bool:
+    try:
+        storage.stat(key)
+    except NotFound:
+        return True
+    return False
+
+
+def test_put_stores_chunks(storage: Storage) -> None:
+    expected = meta(b"abcdef")
+    put(storage, BLOB, [b"abc", b"", b"def"], expected)
+    assert storage.stat(BLOB) == expected
+    assert read(storage, BLOB) == b"abcdef"
+
+
+def test_put_aborts_when_the_chunks_fail(backend: Backend) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b"abc"
+        raise RuntimeError("source failed")
+
+    with pytest.raises(RuntimeError):
+        put(backend.storage, BLOB, chunks(), meta(b"abcdef"))
+    with pytest.raises(NotFound):
+        backend.storage.stat(BLOB)
+    assert backend.list_raw() == set()
+
+
+@pytest.mark.parametrize(
+    "sidecar",
+    [b"", b"not json", b"{}", b'{"digest": "x"}', b"[1, 2]", b'{"digest":"d","size":"big",'],
+)
+def test_damaged_sidecar_reads_as_not_found(backend: Backend, sidecar: bytes) -> None:
+    store(backend.storage, BLOB, b"hello", meta())
+    backend.write_raw(keys.sidecar(BLOB), sidecar)
+    with pytest.raises(NotFound):
+        backend.storage.stat(BLOB)
+
+
+def test_data_without_sidecar_does_not_exist(backend: Backend) -> None:
+    backend.write_raw(BLOB, b"orphaned data from a crash")
+    with pytest.raises(NotFound):
+        backend.storage.stat(BLOB)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        keys.blob("sha512:" + "ef" * 64),
+        keys.manifest("[::1]:5000", "a/b/c", "v1"),
+        keys.manifest("registry.test", "a.b_c__d---e", "_Tag.meta.json"),
+        keys.manifest("registry.test", "org/app", "manifest"),
+        keys.manifest("localhost", "x", "sha256:" + "01" * 32),
+    ],
+)
+def test_keys_stay_inside_the_store(backend: Backend, key: str) -> None:
+    store(backend.storage, key, b"data", meta(b"data"))
+    assert backend.list_raw() == {key, keys.sidecar(key)}
+    assert read(backend.storage, key) == b"data"
+
+
+def test_tag_named_like_a_sidecar_does_not_collide(storage: Storage) -> None:
+    plain = keys.manifest("registry.test", "org/app", "v1")
+    tricky = keys.manifest("registry.test", "org/app", "v1.meta.json")
+    store(storage, plain, b"plain", meta(b"plain"))
+    store(storage, tricky, b"tricky", meta(b"tricky"))
+    assert read(storage, plain) == b"plain"
+    assert storage.stat(plain) == meta(b"plain")
+    assert read(storage, tricky) == b"tricky"
+
+
+def test_presign_returns_url_or_none(storage: Storage) -> None:
+    object_meta = meta()
+    store(storage, BLOB, b"hello", object_meta)
+    url = storage.presign(BLOB, object_meta)
+    assert url is None or url.startswith(("http://", "https://"))

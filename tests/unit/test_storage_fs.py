@@ -1,0 +1,199 @@
+"""app/storage/fs.py specifics: temp files, commit order, path safety."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import app.storage.fs as fs_module
+from app.storage import NotFound, ObjectMeta, StoreError, keys
+from app.storage.fs import TEMP_PREFIX, FilesystemStorage
+
+DIGEST = "sha256:" + "ab" * 32
+KEY = keys.blob(DIGEST)
+META = ObjectMeta(digest=DIGEST, size=5, media_type="application/octet-stream")
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def storage(root: Path) -> FilesystemStorage:
+    return FilesystemStorage(str(root))
+
+
+def all_files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def temp_files(root: Path) -> list[str]:
+    return [p for p in all_files(root) if os.path.basename(p).startswith(TEMP_PREFIX)]
+
+
+def test_creates_root(root: Path) -> None:
+    FilesystemStorage(str(root / "deep" / "er"))
+    assert (root / "deep" / "er").is_dir()
+
+
+def test_layout_on_disk(storage: FilesystemStorage, root: Path) -> None:
+    writer = storage.writer(KEY)
+    writer.write(b"hello")
+    writer.commit(META)
+    assert all_files(root) == [f"blobs/sha256/{'ab' * 32}", f"blobs/sha256/{'ab' * 32}.meta.json"]
+    assert (root / "blobs" / "sha256" / ("ab" * 32)).read_bytes() == b"hello"
+
+
+def test_write_goes_to_a_temp_file_in_the_target_directory(
+    storage: FilesystemStorage, root: Path
+) -> None:
+    writer = storage.writer(KEY)
+    writer.write(b"hel")
+    pending = temp_files(root)
+    assert len(pending) == 1
+    assert os.path.dirname(pending[0]) == "blobs/sha256"
+    assert all_files(root) == pending  # nothing at the final name yet
+    writer.write(b"lo")
+    writer.commit(META)
+    assert temp_files(root) == []
+
+
+def test_no_temp_files_after_abort(storage: FilesystemStorage, root: Path) -> None:
+    writer = storage.writer(KEY)
+    writer.write(b"hello")
+    writer.abort()
+    assert all_files(root) == []
+
+
+def test_crash_after_writing_leaves_no_visible_object(
+    storage: FilesystemStorage, root: Path
+) -> None:
+    """A writer that never commits (the process died) leaves only a temp file, never an object."""
+    writer = storage.writer(KEY)
+    writer.write(b"hello")
+    with pytest.raises(NotFound):
+        storage.stat(KEY)
+    with pytest.raises(NotFound):
+        storage.open(KEY)
+    writer.abort()
+    with pytest.raises(NotFound):
+        storage.stat(KEY)
+
+
+def test_sidecar_is_renamed_into_place_after_the_data(
+    storage: FilesystemStorage, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    renamed: list[str] = []
+    real_rename = os.rename
+
+    def recording_rename(src: str, dst: str) -> None:
+        renamed.append(os.path.relpath(dst, root))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(fs_module.os, "rename", recording_rename)
+    writer = storage.writer(KEY)
+    writer.write(b"hello")
+    writer.commit(META)
+    assert renamed == [KEY, keys.sidecar(KEY)]
+
+
+def _fail_sidecar_rename(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the final step of a commit fail, as a full disk or a crash there would."""
+    real_rename = os.rename
+
+    def failing_rename(src: str, dst: str) -> None:
+        if dst.endswith(".meta.json"):
+            raise OSError(28, "No space left on device")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(fs_module.os, "rename", failing_rename)
+
+
+def test_failed_sidecar_write_leaves_no_visible_object(
+    storage: FilesystemStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Failing between the data rename and the sidecar rename: the object does not exist."""
+    _fail_sidecar_rename(monkeypatch)
+    writer = storage.writer(KEY)
+    writer.write(b"hello")
+    with pytest.raises(StoreError):
+        writer.commit(META)
+    with pytest.raises(NotFound):
+        storage.stat(KEY)
+
+
+def test_failed_commit_leaves_no_temp_files(
+    storage: FilesystemStorage, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fail_sidecar_rename(monkeypatch)
+    writer = storage.writer(KEY)
+    writer.write(b"hello")
+    with pytest.raises(StoreError):
+        writer.commit(META)
+    writer.abort()
+    assert temp_files(root) == []
+
+
+def test_write_after_commit_is_refused(storage: FilesystemStorage) -> None:
+    writer = storage.writer(KEY)
+    writer.write(b"hello")
+    writer.commit(META)
+    with pytest.raises(StoreError):
+        writer.write(b"more")
+
+
+def test_open_is_unbuffered_for_sendfile(storage: FilesystemStorage) -> None:
+    writer = storage.writer(KEY)
+    writer.write(b"hello")
+    writer.commit(META)
+    with storage.open(KEY) as fh:
+        assert fh.fileno() >= 0
+        assert fh.read() == b"hello"
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "../escape",
+        "blobs/../../escape",
+        "manifests/registry.test/../../../etc/passwd",
+        "blobs/./sha256/x",
+        "blobs//sha256",
+        "",
+        "/etc/passwd",
+        "blobs/sha256/",
+        "..",
+    ],
+)
+def test_path_rejects_unsafe_keys(storage: FilesystemStorage, key: str) -> None:
+    with pytest.raises(ValueError):
+        storage.path(key)
+
+
+def test_unsafe_keys_are_refused_by_every_operation(storage: FilesystemStorage) -> None:
+    key = "manifests/../../escape"
+    for operation in (storage.stat, storage.open, storage.writer, storage.delete):
+        with pytest.raises(ValueError):
+            operation(key)
+
+
+def test_path_of_a_valid_key_is_inside_the_root(storage: FilesystemStorage, root: Path) -> None:
+    key = keys.manifest("[::1]:5000", "org/app", "v1")
+    path = Path(storage.path(key)).resolve()
+    assert path.is_relative_to(root.resolve())
+
+
+def test_unreadable_sidecar_is_a_store_error_not_a_miss(
+    storage: FilesystemStorage, root: Path
+) -> None:
+    writer = storage.writer(KEY)
+    writer.write(b"hello")
+    writer.commit(META)
+    sidecar = Path(storage.path(keys.sidecar(KEY)))
+    sidecar.unlink()
+    sidecar.mkdir()  # reading a directory fails with an OSError other than "not found"
+    with pytest.raises(StoreError):
+        storage.stat(KEY)
