@@ -82,6 +82,11 @@ def parse_bearer_challenge(header: str | None) -> dict[str, str] | None:
 def iter_body(response: requests.Response) -> Iterator[bytes]:
     """The raw body bytes as upstream sent them, releasing the connection at the end."""
     try:
+        buffered = response._content  # bytes once something read .content (a kept 401)
+        if isinstance(buffered, bytes):
+            if buffered:
+                yield buffered
+            return
         yield from response.raw.stream(CHUNK_SIZE, decode_content=False)
     finally:
         response.close()

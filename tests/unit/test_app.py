@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,13 +56,13 @@ def mock() -> Iterator[responses.RequestsMock]:
 
 
 def make_app(tmp_path: Path, mode: str = TRANSPARENT, **kwargs: object) -> Flask:
-    config = Config(
-        proxy_mode=mode,
-        storage_backend="fs",
-        fs_root=str(tmp_path / "cache"),
-        upstream_registry=REG,
-        **kwargs,  # type: ignore[arg-type]
-    )
+    settings: dict[str, object] = {
+        "storage_backend": "fs",
+        "fs_root": str(tmp_path / "cache"),
+        "upstream_registry": REG,
+        **kwargs,
+    }
+    config = Config(proxy_mode=mode, **settings)  # type: ignore[arg-type]
     return create_app(config)
 
 
@@ -117,7 +119,7 @@ def error_code(answer: Answer) -> str:
     return json.loads(answer.data)["errors"][0]["code"]
 
 
-# -- routes that never reach upstream ------------------------------------------------------------------
+# -- routes that never reach upstream --------------------------------------------------------------
 
 
 @pytest.mark.parametrize("method", ["PUT", "POST", "DELETE", "PATCH"])
@@ -210,7 +212,7 @@ def test_version_check_authenticated_unreachable_is_502(
     assert answer.headers["Docker-Distribution-API-Version"] == API_VERSION
 
 
-# -- blobs ---------------------------------------------------------------------------------------------
+# -- blobs -----------------------------------------------------------------------------------------
 
 
 def test_blob_miss_then_hit(client: FlaskClient, mock: responses.RequestsMock) -> None:
@@ -287,10 +289,50 @@ def test_range_on_a_hit(client: FlaskClient, mock: responses.RequestsMock) -> No
 def test_unsatisfiable_range_on_a_hit(client: FlaskClient, mock: responses.RequestsMock) -> None:
     upstream_blob(mock)
     fetch(client, BLOB_PATH)
-    answer = fetch(client, BLOB_PATH, headers={"Range": f"bytes={len(BLOB) + 10}-"})
+    answer = fetch(client, BLOB_PATH, headers={"Range": f"bytes={len(BLOB) + 10}-{len(BLOB) + 20}"})
     assert answer.status == 416
     assert answer.headers["Content-Range"] == f"bytes */{len(BLOB)}"
     assert len(mock.calls) == 1
+
+
+def test_open_ended_range_past_the_end_is_416(
+    client: FlaskClient, mock: responses.RequestsMock
+) -> None:
+    """A client resuming a download it already has in full asks for bytes=SIZE-."""
+    upstream_blob(mock)
+    fetch(client, BLOB_PATH)
+    answer = fetch(client, BLOB_PATH, headers={"Range": f"bytes={len(BLOB)}-"})
+    assert answer.status == 416
+    assert answer.headers["Content-Range"] == f"bytes */{len(BLOB)}"
+
+
+def test_blob_head_miss_is_forwarded_and_not_cached(
+    client: FlaskClient, mock: responses.RequestsMock
+) -> None:
+    mock.head(
+        f"{UP}{BLOB_PATH}",
+        headers={"Content-Length": str(len(BLOB)), "Docker-Content-Digest": BLOB_DIGEST},
+    )
+    upstream_blob(mock)
+    head = fetch(client, BLOB_PATH, "HEAD")
+    assert head.status == 200
+    assert head.data == b""
+    assert head.headers["Docker-Content-Digest"] == BLOB_DIGEST
+    assert fetch(client, BLOB_PATH).data == BLOB
+    assert [c.request.method for c in mock.calls] == ["HEAD", "GET"]
+
+
+def test_blob_redirect_to_cdn_is_followed_and_cached(
+    client: FlaskClient, mock: responses.RequestsMock
+) -> None:
+    mock.get(f"{UP}{BLOB_PATH}", status=307, headers={"Location": "https://cdn.test/layer?sig=abc"})
+    mock.get("https://cdn.test/layer", body=BLOB, headers={"Content-Length": str(len(BLOB))})
+    first = fetch(client, BLOB_PATH, headers={"Authorization": "Bearer registry-token"})
+    assert (first.status, first.data) == (200, BLOB)
+    assert "Authorization" not in mock.calls[1].request.headers  # never sent to the CDN
+    second = fetch(client, BLOB_PATH)
+    assert (second.status, second.data) == (200, BLOB)
+    assert len(mock.calls) == 2
 
 
 def test_range_on_a_miss_is_forwarded_and_not_cached(
@@ -327,13 +369,9 @@ def test_truncated_blob_is_not_cached(client: FlaskClient, mock: responses.Reque
         body=BLOB[:100],
         headers={"Content-Length": str(len(BLOB)), "Content-Type": "application/octet-stream"},
     )
-    response = client.get(BLOB_PATH)
-    try:
-        response.get_data()
-    except Exception:  # noqa: BLE001 - a short body may surface as an error; either is fine
-        pass
-    finally:
-        response.close()
+    # The short body surfaces as an error mid-stream (the client sees a broken transfer).
+    with contextlib.suppress(Exception):
+        fetch(client, BLOB_PATH)
     mock.replace("GET", f"{UP}{BLOB_PATH}", body=BLOB, headers={"Content-Length": str(len(BLOB))})
     assert fetch(client, BLOB_PATH).data == BLOB
     assert len(mock.calls) == 2
@@ -371,7 +409,7 @@ def test_registry_outside_allowlist_is_403(tmp_path: Path, mock: responses.Reque
     assert len(mock.calls) == 0
 
 
-# -- manifests ---------------------------------------------------------------------------------------------
+# -- manifests -------------------------------------------------------------------------------------
 
 
 def test_tag_manifest_miss_is_stored_under_tag_and_digest(
@@ -468,9 +506,7 @@ def test_all_accept_headers_are_forwarded(
     assert sent == [OCI_INDEX, OCI_MANIFEST]
 
 
-def test_latest_is_not_cached_by_default(
-    client: FlaskClient, mock: responses.RequestsMock
-) -> None:
+def test_latest_is_not_cached_by_default(client: FlaskClient, mock: responses.RequestsMock) -> None:
     upstream_manifest(mock, "latest")
     for _ in range(2):
         assert fetch(client, f"/v2/{NAME}/manifests/latest").data == MANIFEST
@@ -535,7 +571,7 @@ def test_per_user_headers_are_not_replayed(
     assert "WWW-Authenticate" not in hit.headers
 
 
-# -- pass-through endpoints --------------------------------------------------------------------------------------
+# -- pass-through endpoints ------------------------------------------------------------------------
 
 
 def test_tags_list_is_passed_through_with_paging(
@@ -550,6 +586,18 @@ def test_tags_list_is_passed_through_with_paging(
     assert sorted(query.split("&")) == ["last=v0", "n=10"]
 
 
+def test_tags_list_link_header_uses_the_client_side_name(
+    client: FlaskClient, mock: responses.RequestsMock
+) -> None:
+    mock.get(
+        f"{UP}/v2/{NAME}/tags/list",
+        json={"name": NAME, "tags": ["v1"]},
+        headers={"Link": f'</v2/{NAME}/tags/list?last=v1&n=1>; rel="next"'},
+    )
+    answer = fetch(client, f"/v2/{REG}/{NAME}/tags/list?n=1")
+    assert answer.headers["Link"] == f'</v2/{REG}/{NAME}/tags/list?last=v1&n=1>; rel="next"'
+
+
 def test_referrers_are_passed_through(client: FlaskClient, mock: responses.RequestsMock) -> None:
     mock.get(f"{UP}/v2/{NAME}/referrers/{MANIFEST_DIGEST}", json={"manifests": []})
     for _ in range(2):
@@ -559,7 +607,7 @@ def test_referrers_are_passed_through(client: FlaskClient, mock: responses.Reque
     assert len(mock.calls) == 2
 
 
-# -- authenticated mode ------------------------------------------------------------------------------------------
+# -- authenticated mode ----------------------------------------------------------------------------
 
 
 def test_authenticated_head_is_always_forwarded(
@@ -603,7 +651,7 @@ def test_authenticated_get_hit_rejected_upstream_is_not_served(
 def test_authenticated_manifest_hit_with_revoked_credentials(
     auth_client: FlaskClient, mock: responses.RequestsMock
 ) -> None:
-    upstream_manifest(mock, "sha256:" + MANIFEST_DIGEST.split(":")[1])
+    upstream_manifest(mock, MANIFEST_DIGEST)
     path = f"/v2/{NAME}/manifests/{MANIFEST_DIGEST}"
     fetch(auth_client, path, headers={"Authorization": "Basic dTpw"})
     mock.head(f"{UP}{path}", status=401, headers={"WWW-Authenticate": 'Basic realm="r"'})
@@ -622,3 +670,51 @@ def test_authenticated_get_hit_with_upstream_down_is_502(
     answer = fetch(auth_client, BLOB_PATH)
     assert answer.status == 502
     assert BLOB not in answer.data
+
+
+def test_authenticated_tag_hit_that_moved_upstream_is_refetched(
+    auth_client: FlaskClient, mock: responses.RequestsMock
+) -> None:
+    upstream_manifest(mock)
+    fetch(auth_client, f"/v2/{NAME}/manifests/v1")
+    moved = MANIFEST.replace(b"schemaVersion", b"schemaVersion ")
+    moved_digest = "sha256:" + hashlib.sha256(moved).hexdigest()
+    moved_headers = {
+        "Content-Type": OCI_MANIFEST,
+        "Content-Length": str(len(moved)),
+        "Docker-Content-Digest": moved_digest,
+    }
+    mock.head(f"{UP}/v2/{NAME}/manifests/v1", headers=moved_headers)
+    mock.replace("GET", f"{UP}/v2/{NAME}/manifests/v1", body=moved, headers=moved_headers)
+    answer = fetch(auth_client, f"/v2/{NAME}/manifests/v1")
+    assert answer.data == moved
+    assert answer.headers["Docker-Content-Digest"] == moved_digest
+
+
+def test_authenticated_tag_hit_unchanged_upstream_is_served_from_cache(
+    auth_client: FlaskClient, mock: responses.RequestsMock
+) -> None:
+    upstream_manifest(mock)
+    mock.head(f"{UP}/v2/{NAME}/manifests/v1", headers=manifest_headers())
+    fetch(auth_client, f"/v2/{NAME}/manifests/v1")
+    answer = fetch(auth_client, f"/v2/{NAME}/manifests/v1")
+    assert answer.data == MANIFEST
+    assert answer.headers["Cache-Control"] == "public, max-age=2419200"
+    assert [c.request.method for c in mock.calls] == ["GET", "HEAD"]
+
+
+# -- logging ---------------------------------------------------------------------------------------
+
+
+def test_authorization_is_never_logged(
+    client: FlaskClient, mock: responses.RequestsMock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    upstream_blob(mock)
+    secret = "Bearer s3cr3t-t0k3n-value"
+    fetch(client, BLOB_PATH, headers={"Authorization": secret})
+    fetch(client, BLOB_PATH, headers={"Authorization": secret})
+    mock.get(f"{UP}/v2/{NAME}/manifests/v1", status=401, json={"errors": []})
+    fetch(client, f"/v2/{NAME}/manifests/v1", headers={"Authorization": secret})
+    assert caplog.records  # the request lines were logged
+    assert "s3cr3t" not in caplog.text

@@ -65,7 +65,7 @@ def test_from_env_without_argument_reads_os_environ(monkeypatch: pytest.MonkeyPa
     assert (config.proxy_mode, config.storage_backend) == ("authenticated", "fs")
 
 
-# -- defaults ---------------------------------------------------------------------------------------
+# -- defaults --------------------------------------------------------------------------------------
 
 
 def test_defaults() -> None:
@@ -122,7 +122,7 @@ def test_log_level_warning_is_warn() -> None:
     assert load(LOG_LEVEL="WARNING").log_level == "warn"
 
 
-# -- booleans -----------------------------------------------------------------------------------------
+# -- booleans --------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("value", ["true", "TRUE", "1", "yes", "on", " true "])
@@ -145,7 +145,7 @@ def test_empty_boolean_uses_default() -> None:
     assert load(CACHE_TAG_MANIFESTS="").cache_tag_manifests is True
 
 
-# -- invalid values: one line naming the variable and the value ----------------------------------------
+# -- invalid values: one line naming the variable and the value ------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -190,7 +190,7 @@ def test_invalid_value_message_names_allowed_values() -> None:
     assert "fs" in str(error)
 
 
-# -- registries -----------------------------------------------------------------------------------------
+# -- registries ------------------------------------------------------------------------------------
 
 
 def test_upstream_registry_is_normalised() -> None:
@@ -210,7 +210,7 @@ def test_timeouts_accept_seconds_suffix() -> None:
     assert (config.upstream_connect_timeout, config.upstream_read_timeout) == (2.5, 30.0)
 
 
-# -- ALLOWED_REGISTRIES ---------------------------------------------------------------------------------
+# -- ALLOWED_REGISTRIES ----------------------------------------------------------------------------
 
 
 def test_allowed_registries_default_is_everything() -> None:

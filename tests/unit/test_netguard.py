@@ -12,7 +12,7 @@ import requests
 
 from app.netguard import BlockedAddress, Guard, GuardedAdapter, is_internal, matches_allowlist
 
-# -- is_internal ------------------------------------------------------------------------------------
+# -- is_internal -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -52,7 +52,7 @@ def test_public_addresses(address: str) -> None:
     assert not is_internal(address)
 
 
-# -- Guard exemptions -------------------------------------------------------------------------------
+# -- Guard exemptions ------------------------------------------------------------------------------
 
 
 def test_explicit_allow_entries_and_insecure_hosts_are_exempt() -> None:
@@ -108,7 +108,7 @@ def test_check_blocks_internal_and_allows_public_and_exempt() -> None:
     assert info.value.host == "example.test"
 
 
-# -- matches_allowlist -------------------------------------------------------------------------------
+# -- matches_allowlist -----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -135,7 +135,7 @@ def test_matches_allowlist(registry: str, patterns: tuple[str, ...], expected: b
     assert matches_allowlist(registry, patterns) is expected
 
 
-# -- the guarded adapter, for real -------------------------------------------------------------------
+# -- the guarded adapter, for real -----------------------------------------------------------------
 
 
 def guarded_session(guard: Guard) -> requests.Session:

@@ -287,7 +287,7 @@ def test_invalid_path_encoded_registries(path: str) -> None:
         parse(path)
 
 
-# -- traversal (the parser sees the already percent-decoded path) ------------------------------------
+# -- traversal (the parser sees the already percent-decoded path) ----------------------------------
 
 
 @pytest.mark.parametrize(
@@ -322,7 +322,7 @@ def test_dotdot_tag_is_tag_invalid() -> None:
         parse("ghcr.io/org/app/manifests/..")
 
 
-# -- Accept negotiation ------------------------------------------------------------------------------
+# -- Accept negotiation ----------------------------------------------------------------------------
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"

@@ -60,7 +60,7 @@ def test_authenticated_never_serves_without_an_upstream_check() -> None:
                 assert plan(AUTHENTICATED, method, hit, cacheable) is not Action.SERVE
 
 
-# -- is_cacheable ---------------------------------------------------------------------------------------
+# -- is_cacheable ----------------------------------------------------------------------------------
 
 
 def target(kind: str, reference: str) -> Target:
@@ -104,7 +104,7 @@ def test_passthrough_endpoints_are_never_cacheable() -> None:
     assert not is_cacheable(target(REFERRERS, DIGEST), cfg)
 
 
-# -- Cache-Control (§6) ---------------------------------------------------------------------------------
+# -- Cache-Control (§6) ----------------------------------------------------------------------------
 
 
 def test_cache_control_values() -> None:
@@ -114,7 +114,7 @@ def test_cache_control_values() -> None:
     assert cache_control(target(MANIFEST, "latest")) == "public, max-age=3600"
 
 
-# -- header filtering -----------------------------------------------------------------------------------
+# -- header filtering ------------------------------------------------------------------------------
 
 HOP_BY_HOP = [
     ("Connection", "keep-alive"),

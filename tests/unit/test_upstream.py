@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import http.server
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from urllib.parse import parse_qs, urlsplit
@@ -59,14 +62,17 @@ def needs_token(mock: responses.RequestsMock, url: str = URL, token: str = "anon
     mock.add_callback("GET", url, callback=callback)
 
 
-# -- header forwarding --------------------------------------------------------------------------------
+# -- header forwarding -----------------------------------------------------------------------------
 
 
 def test_forwards_authorization_accept_and_user_agent(mock: responses.RequestsMock) -> None:
     mock.get(URL, body="ok")
     client = ClientHeaders(
         authorization="Basic dXNlcjpwdw==",
-        accept=("application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json, */*;q=0.1"),
+        accept=(
+            "application/vnd.oci.image.index.v1+json",
+            "application/vnd.oci.image.manifest.v1+json, */*;q=0.1",
+        ),
         user_agent="containerd/2.0",
         range="bytes=0-9",
     )
@@ -137,7 +143,7 @@ def test_redirect_not_followed_unless_asked(mock: responses.RequestsMock) -> Non
     assert len(mock.calls) == 1
 
 
-# -- URLs ------------------------------------------------------------------------------------------------
+# -- URLs ------------------------------------------------------------------------------------------
 
 
 def test_https_by_default_and_http_for_insecure_registries(mock: responses.RequestsMock) -> None:
@@ -158,7 +164,7 @@ def test_docker_hub_is_reached_at_its_api_host(mock: responses.RequestsMock) -> 
     assert mock.calls[0].request.url == "https://registry-1.docker.io/v2/library/alpine/manifests/3"
 
 
-# -- allowlist ----------------------------------------------------------------------------------------------
+# -- allowlist -------------------------------------------------------------------------------------
 
 
 def test_registry_outside_allowlist_is_denied_without_a_request(
@@ -178,7 +184,7 @@ def test_registry_inside_allowlist_is_reached(mock: responses.RequestsMock) -> N
     assert upstream.send("GET", "a.example.com", "/v2/", ClientHeaders()).status_code == 200
 
 
-# -- errors ---------------------------------------------------------------------------------------------------
+# -- errors ----------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -205,7 +211,7 @@ def test_upstream_error_statuses_are_returned_not_raised(mock: responses.Request
     assert response.status_code == 404
 
 
-# -- anonymous token exchange -------------------------------------------------------------------------------
+# -- anonymous token exchange ----------------------------------------------------------------------
 
 
 def test_anonymous_token_exchange_and_retry(mock: responses.RequestsMock) -> None:
@@ -269,7 +275,9 @@ def test_token_cache_is_per_scope(mock: responses.RequestsMock) -> None:
     def callback(request: requests.PreparedRequest) -> tuple[int, dict[str, str], str]:
         if request.headers.get("Authorization") == "Bearer anon-1":
             return 200, {}, "m"
-        challenge = f'Bearer realm="{REALM}",service="registry.test",scope="repository:org/other:pull"'
+        challenge = (
+            f'Bearer realm="{REALM}",service="registry.test",scope="repository:org/other:pull"'
+        )
         return 401, {"WWW-Authenticate": challenge}, ""
 
     mock.add_callback("GET", f"https://{REG}{other_path}", callback=callback)
@@ -398,7 +406,7 @@ def test_token_dance_can_be_disabled(mock: responses.RequestsMock) -> None:
     assert token_calls(mock) == []
 
 
-# -- parse_bearer_challenge ------------------------------------------------------------------------------------
+# -- parse_bearer_challenge ------------------------------------------------------------------------
 
 
 def test_parse_bearer_challenge() -> None:
@@ -428,3 +436,98 @@ def test_parse_bearer_challenge_keeps_commas_inside_quotes() -> None:
 )
 def test_parse_bearer_challenge_rejects(header: str | None) -> None:
     assert parse_bearer_challenge(header) is None
+
+
+# -- the SSRF guard covers token realms and redirect targets (real sockets, no mocks) --------------
+
+
+class _RegistryHandler(http.server.BaseHTTPRequestHandler):
+    """A registry that sends every client somewhere else: a token realm or a redirect."""
+
+    target = ""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        if "/blobs/" in self.path:
+            self.send_response(307)
+            self.send_header("Location", self.target)
+        else:
+            self.send_response(401)
+            self.send_header(
+                "WWW-Authenticate", f'Bearer realm="{self.target}",service="s",scope="x"'
+            )
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    """An internal service that must never be contacted."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    sock.settimeout(0.3)
+    yield sock
+    sock.close()
+
+
+@pytest.fixture
+def registry_server() -> Iterator[tuple[str, type[_RegistryHandler]]]:
+    handler = type("Handler", (_RegistryHandler,), {})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.server_address[1]}", handler
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def _never_contacted(sock: socket.socket) -> None:
+    with pytest.raises(TimeoutError):
+        conn, _ = sock.accept()
+        conn.close()
+
+
+def test_internal_token_realm_is_refused(
+    registry_server: tuple[str, type[_RegistryHandler]], listener: socket.socket
+) -> None:
+    registry, handler = registry_server
+    handler.target = f"http://localhost:{listener.getsockname()[1]}/token"
+    upstream = make(insecure_registries=frozenset({registry}))  # exempts the registry only
+    with pytest.raises(Denied):
+        upstream.send("GET", registry, PATH, ClientHeaders(), name=NAME)
+    _never_contacted(listener)
+
+
+def test_metadata_address_token_realm_is_refused(
+    registry_server: tuple[str, type[_RegistryHandler]],
+) -> None:
+    registry, handler = registry_server
+    handler.target = "http://169.254.169.254/latest/meta-data/"
+    upstream = make(insecure_registries=frozenset({registry}))
+    with pytest.raises(Denied):
+        upstream.send("GET", registry, PATH, ClientHeaders(), name=NAME)
+
+
+def test_internal_redirect_target_is_refused(
+    registry_server: tuple[str, type[_RegistryHandler]], listener: socket.socket
+) -> None:
+    registry, handler = registry_server
+    handler.target = f"http://localhost:{listener.getsockname()[1]}/blob"
+    upstream = make(insecure_registries=frozenset({registry}))
+    blob_path = f"/v2/{NAME}/blobs/sha256:{'c' * 64}"
+    with pytest.raises(Denied):
+        upstream.send("GET", registry, blob_path, ClientHeaders(), name=NAME, follow_redirects=True)
+    _never_contacted(listener)
+
+
+def test_internal_registry_not_exempt_is_refused(listener: socket.socket) -> None:
+    registry = f"127.0.0.1:{listener.getsockname()[1]}"
+    upstream = make(insecure_registries=frozenset())  # allowed by "*", but "*" never exempts
+    with pytest.raises(Denied) as info:
+        upstream.send("GET", registry, PATH, ClientHeaders(), name=NAME)
+    assert info.value.status == 403
+    _never_contacted(listener)

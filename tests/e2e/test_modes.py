@@ -1,0 +1,218 @@
+"""Every row of both SPEC §5 tables, against a real upstream that is stopped where a row says so."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+import requests
+from conftest import PASSWORD, USER
+from harness import BuiltImage, Registry, TokenServer
+from harness.images import MT_OCI_INDEX, MT_OCI_MANIFEST
+from harness.proxyproc import ProxyServer
+
+pytestmark = pytest.mark.e2e
+ACCEPT = {"Accept": f"{MT_OCI_INDEX}, {MT_OCI_MANIFEST}"}
+
+
+@pytest.fixture
+def session() -> Iterator[requests.Session]:
+    with requests.Session() as s:
+        yield s
+
+
+def _token(tokens: TokenServer, repo: str, creds: tuple[str, str] | None) -> str:
+    r = requests.get(tokens.realm, params={"service": tokens.service,
+                                           "scope": f"repository:{repo}:pull"},
+                     auth=creds, timeout=10)
+    r.raise_for_status()
+    return r.json()["token"]
+
+
+def _proxy_for(make_proxy: Callable[..., ProxyServer], registry: Registry, tokens: TokenServer,
+               mode: str) -> ProxyServer:
+    token_host = tokens.url.split("//", 1)[1]
+    return make_proxy({"PROXY_MODE": mode, "UPSTREAM_REGISTRY": registry.host,
+                       "INSECURE_REGISTRIES": f"{registry.host},{token_host}"})
+
+
+def _layer(image: BuiltImage) -> str:
+    return image.platform("linux/amd64").layers[-1].digest
+
+
+# -- transparent ----------------------------------------------------------------------------
+
+
+def test_transparent_v2_forwarded_then_static_200_when_upstream_down(
+    make_proxy: Callable[..., ProxyServer], token_upstream: tuple[Registry, TokenServer],
+    session: requests.Session,
+) -> None:
+    registry, tokens = token_upstream
+    proxy = _proxy_for(make_proxy, registry, tokens, "transparent")
+    r = session.get(f"{proxy.url}/v2/", timeout=10)
+    assert r.status_code == 401, "upstream's challenge is forwarded"
+    assert tokens.realm in r.headers["WWW-Authenticate"]
+    assert r.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+    registry.stop()
+    try:
+        r = session.get(f"{proxy.url}/v2/", timeout=10)
+        assert r.status_code == 200
+        assert r.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+    finally:
+        registry.start()
+
+
+def test_transparent_hits_ignore_authorization_and_survive_upstream_outage(
+    make_proxy: Callable[..., ProxyServer], token_upstream: tuple[Registry, TokenServer],
+    image: BuiltImage, session: requests.Session,
+) -> None:
+    """Miss (upstream up): forwarded with the client's credentials and filled; then HEAD and
+    GET hits are served from cache with any Authorization, even with upstream stopped."""
+    registry, tokens = token_upstream
+    proxy = _proxy_for(make_proxy, registry, tokens, "transparent")
+    layer = _layer(image)
+    bearer = {"Authorization": f"Bearer {_token(tokens, 'private/app', (USER, PASSWORD))}"}
+    base = f"{proxy.url}/v2/private/app"
+    r = session.get(f"{base}/blobs/{layer}", headers=bearer, timeout=10)
+    assert r.status_code == 200 and r.content == image.all_blobs()[layer].data
+    r = session.get(f"{base}/manifests/v1", headers={**bearer, **ACCEPT}, timeout=10)
+    assert r.status_code == 200 and r.headers["Docker-Content-Digest"] == image.ref_digest
+    assert proxy.wait_cached([layer]) == []
+    registry.stop()
+    try:
+        garbage = {"Authorization": "Bearer not-a-token"}
+        r = session.head(f"{base}/blobs/{layer}", headers=garbage, timeout=10)
+        assert r.status_code == 200
+        assert int(r.headers["Content-Length"]) == image.all_blobs()[layer].size
+        assert r.headers["Docker-Content-Digest"] == layer
+        r = session.get(f"{base}/blobs/{layer}", headers=garbage, timeout=10)
+        assert r.status_code == 200 and r.content == image.all_blobs()[layer].data
+        assert r.headers["Cache-Control"] == "public, max-age=31536000, immutable"
+        r = session.get(f"{base}/manifests/v1", headers=ACCEPT, timeout=10)
+        assert r.status_code == 200 and r.content == image.top.data
+        assert r.headers["Cache-Control"] == "public, max-age=2419200"
+        r = session.head(f"{base}/manifests/{image.ref_digest}", timeout=10)
+        assert r.status_code == 200, "the tag's manifest is stored under its digest too"
+        # miss, upstream down: 502 naming the registry
+        missing = "sha256:" + "0" * 64
+        r = session.get(f"{base}/blobs/{missing}", timeout=10)
+        assert r.status_code == 502
+        assert registry.host in r.json()["errors"][0]["message"]
+    finally:
+        registry.start()
+
+
+def test_transparent_miss_forwards_client_credentials(
+    make_proxy: Callable[..., ProxyServer], token_upstream: tuple[Registry, TokenServer],
+    image: BuiltImage, session: requests.Session,
+) -> None:
+    """Without credentials the private repository is refused; with them it is served."""
+    registry, tokens = token_upstream
+    proxy = _proxy_for(make_proxy, registry, tokens, "transparent")
+    url = f"{proxy.url}/v2/private/app/manifests/{image.ref_digest}"
+    assert session.get(url, headers=ACCEPT, timeout=10).status_code == 401
+    bearer = {"Authorization": f"Bearer {_token(tokens, 'private/app', (USER, PASSWORD))}"}
+    r = session.get(url, headers={**bearer, **ACCEPT}, timeout=10)
+    assert r.status_code == 200 and r.content == image.top.data
+
+
+# -- authenticated ----------------------------------------------------------------------------
+
+
+def test_authenticated_v2_forwarded_and_502_when_upstream_down(
+    make_proxy: Callable[..., ProxyServer], token_upstream: tuple[Registry, TokenServer],
+    session: requests.Session,
+) -> None:
+    registry, tokens = token_upstream
+    proxy = _proxy_for(make_proxy, registry, tokens, "authenticated")
+    assert session.get(f"{proxy.url}/v2/", timeout=10).status_code == 401
+    registry.stop()
+    try:
+        r = session.get(f"{proxy.url}/v2/", timeout=10)
+        assert r.status_code == 502
+    finally:
+        registry.start()
+
+
+def test_authenticated_head_always_forwarded(
+    make_proxy: Callable[..., ProxyServer], token_upstream: tuple[Registry, TokenServer],
+    image: BuiltImage, session: requests.Session,
+) -> None:
+    registry, tokens = token_upstream
+    proxy = _proxy_for(make_proxy, registry, tokens, "authenticated")
+    layer = _layer(image)
+    bearer = {"Authorization": f"Bearer {_token(tokens, 'private/app', (USER, PASSWORD))}"}
+    url = f"{proxy.url}/v2/private/app/blobs/{layer}"
+    assert session.get(url, headers=bearer, timeout=10).status_code == 200
+    assert proxy.wait_cached([layer]) == []
+    mark = registry.mark()
+    assert session.head(url, headers=bearer, timeout=10).status_code == 200
+    registry.wait_for_requests(
+        lambda es: any(e.method == "HEAD" and layer in e.path for e in es), since=mark)
+    assert session.head(url, timeout=10).status_code == 401, "cache not consulted for HEAD"
+    registry.stop()
+    try:
+        assert session.head(url, headers=bearer, timeout=10).status_code == 502
+    finally:
+        registry.start()
+
+
+def test_authenticated_get_hit_checks_upstream_first(
+    make_proxy: Callable[..., ProxyServer], token_upstream: tuple[Registry, TokenServer],
+    image: BuiltImage, session: requests.Session,
+) -> None:
+    """200 -> served from cache; 401 -> forwarded; 404 -> forwarded; unreachable -> 502."""
+    registry, tokens = token_upstream
+    proxy = _proxy_for(make_proxy, registry, tokens, "authenticated")
+    layer = _layer(image)
+    data = image.all_blobs()[layer].data
+    bearer = {"Authorization": f"Bearer {_token(tokens, 'private/app', (USER, PASSWORD))}"}
+    url = f"{proxy.url}/v2/private/app/blobs/{layer}"
+    r = session.get(url, headers=bearer, timeout=10)  # GET miss: forwarded and filled
+    assert r.status_code == 200 and r.content == data
+    assert proxy.wait_cached([layer]) == []
+
+    mark = registry.mark()
+    r = session.get(url, headers=bearer, timeout=10)
+    assert r.status_code == 200 and r.content == data
+    assert r.headers["Cache-Control"] == "public, max-age=31536000, immutable"
+    log = registry.wait_for_requests(
+        lambda es: any(e.method == "HEAD" and layer in e.path for e in es), since=mark)
+    assert [e for e in log if e.method == "GET" and layer in e.path] == [], "body from cache"
+
+    # 401: a client the upstream rejects never gets the cached bytes
+    r = session.get(url, timeout=10)
+    assert r.status_code == 401 and data not in r.content
+    r = session.get(url, headers={"Authorization": "Bearer forged"}, timeout=10)
+    assert r.status_code == 401 and data not in r.content
+
+    # 404: the blob is cached (keyed by digest) but not in this repository upstream
+    anon_public = {"Authorization": f"Bearer {_token(tokens, 'public/other', None)}"}
+    r = session.get(f"{proxy.url}/v2/public/other/blobs/{layer}", headers=anon_public,
+                    timeout=10)
+    assert r.status_code == 404 and data not in r.content
+
+    registry.stop()
+    try:
+        r = session.get(url, headers=bearer, timeout=10)
+        assert r.status_code == 502
+    finally:
+        registry.start()
+
+
+def test_authenticated_cached_tag_is_checked_and_served(
+    make_proxy: Callable[..., ProxyServer], token_upstream: tuple[Registry, TokenServer],
+    image: BuiltImage, session: requests.Session,
+) -> None:
+    registry, tokens = token_upstream
+    proxy = _proxy_for(make_proxy, registry, tokens, "authenticated")
+    bearer = {"Authorization": f"Bearer {_token(tokens, 'private/app', (USER, PASSWORD))}"}
+    url = f"{proxy.url}/v2/private/app/manifests/v1"
+    assert session.get(url, headers={**bearer, **ACCEPT}, timeout=10).status_code == 200
+    mark = registry.mark()
+    r = session.get(url, headers={**bearer, **ACCEPT}, timeout=10)
+    assert r.status_code == 200 and r.content == image.top.data
+    log = registry.wait_for_requests(
+        lambda es: any(e.method == "HEAD" and "/manifests/v1" in e.path for e in es), since=mark)
+    assert [e for e in log if e.method == "GET"] == []
+    assert session.get(url, headers=ACCEPT, timeout=10).status_code == 401
