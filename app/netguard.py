@@ -6,8 +6,8 @@ then connects to, so redirects, token realms and DNS tricks are all covered.
 
 from __future__ import annotations
 
-import fnmatch
 import ipaddress
+import re
 import socket
 from dataclasses import dataclass
 
@@ -84,7 +84,9 @@ def matches_allowlist(registry: str, patterns: tuple[str, ...]) -> bool:
     """ALLOWED_REGISTRIES: a pattern with a port matches host:port, one without matches host."""
     for pattern in patterns:
         subject = registry if _has_port(pattern) else _host_part(registry)
-        if fnmatch.fnmatchcase(subject, pattern):
+        # Only * is a wildcard: brackets of IPv6 literals and ? are literal characters.
+        regex = "".join(".*" if c == "*" else re.escape(c) for c in pattern)
+        if re.fullmatch(regex, subject):
             return True
     return False
 

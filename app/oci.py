@@ -144,6 +144,8 @@ def _endpoint(segments: list[str]) -> tuple[int, str, str]:
 def parse_target(path: str, *, ns: str | None, default_registry: str) -> Target:
     """Resolve the path after /v2/ to a Target, in the order ?ns=, path-encoded, host-less."""
     segments = path.split("/")
+    if any(segment in ("", ".", "..") for segment in segments):
+        raise NameInvalid("empty, '.' or '..' path segments are not allowed")
     index, kind, reference = _endpoint(segments)
     name_segments = segments[:index]
     client_name = "/".join(name_segments)
@@ -160,7 +162,8 @@ def parse_target(path: str, *, ns: str | None, default_registry: str) -> Target:
     return Target(registry, upstream_name(registry, name), kind, reference, client_name)
 
 
-def _media_ranges(accept_values: list[str]) -> list[str]:
+def _media_ranges(accept_values: list[str]) -> list[tuple[str, bool]]:
+    """(media range, acceptable) pairs; q=0 marks a range the client refuses."""
     ranges = []
     for header in accept_values:
         for item in header.split(","):
@@ -168,18 +171,30 @@ def _media_ranges(accept_values: list[str]) -> list[str]:
             media = media.strip().lower()
             if not media:
                 continue
-            q = [p.strip() for p in params.split(";") if p.strip().lower().startswith("q=")]
-            if q and q[0][2:].strip() in ("0", "0.0", "0.00", "0.000"):
-                continue
-            ranges.append(media)
+            refused = False
+            for param in params.split(";"):
+                key, _, value = param.partition("=")
+                if key.strip().lower() == "q":
+                    try:
+                        refused = float(value.strip()) == 0
+                    except ValueError:
+                        refused = False
+            ranges.append((media, not refused))
     return ranges
 
 
 def accepts(accept_values: list[str], media_type: str) -> bool:
-    """Whether a stored manifest's media type satisfies the request's Accept headers."""
+    """Whether a stored manifest's media type satisfies the request's Accept headers.
+
+    No Accept header means anything; the most specific matching range decides (RFC 9110).
+    """
     ranges = _media_ranges(accept_values)
     if not ranges:
         return True
     media_type = media_type.split(";")[0].strip().lower()
     main = media_type.split("/")[0]
-    return any(r in ("*/*", media_type, f"{main}/*") for r in ranges)
+    for candidate in (media_type, f"{main}/*", "*/*"):
+        verdicts = [ok for media, ok in ranges if media == candidate]
+        if verdicts:
+            return all(verdicts)
+    return False

@@ -77,7 +77,7 @@ class Proxy:
                 raise
             log.warning("upstream %s unreachable; answering /v2/ locally", registry)
             return Reply(200, [("Content-Type", "application/json")], b"{}")
-        return self._forward(response, method)
+        return self._forward(response, method, registry)
 
     # -- manifests ------------------------------------------------------------------------
 
@@ -110,7 +110,7 @@ class Proxy:
         response = self._send(method, target, client)
         if action is Action.FORWARD_AND_FILL and method == "GET" and response.status_code == 200:
             return self._fill_manifest(target, key, response)
-        return self._forward(response, method)
+        return self._forward(response, method, target.registry)
 
     def _manifest_from_cache(
         self, target: Target, key: str, meta: ObjectMeta, method: str
@@ -127,9 +127,9 @@ class Proxy:
         headers = policy.forwardable_headers(response.headers.items())
         length = _content_length(response)
         if length is None or length > MAX_MANIFEST_BYTES:
-            return Reply(200, headers, iter_body(response), outcome=MISS)
+            return Reply(200, headers, iter_body(response, target.registry), outcome=MISS)
         try:
-            data = b"".join(iter_body(response))
+            data = b"".join(iter_body(response, target.registry))
         except Exception as exc:  # truncated or reset mid-body
             raise UpstreamUnavailable(target.registry, f"manifest body failed: {exc}") from None
         digest = self._verified_manifest_digest(target, response, data, length)
@@ -195,7 +195,7 @@ class Proxy:
         response = self._send(method, target, client, forward_range=True, follow_redirects=True)
         if action is Action.FORWARD_AND_FILL and method == "GET" and response.status_code == 200:
             return self._fill_blob(target, key, response)
-        return self._forward(response, method)
+        return self._forward(response, method, target.registry)
 
     def _blob_from_cache(
         self, target: Target, key: str, meta: ObjectMeta, method: str, client: ClientHeaders
@@ -259,7 +259,7 @@ class Proxy:
             on_result=on_result,
         )
         headers = policy.forwardable_headers(response.headers.items())
-        return Reply(200, headers, tee(iter_body(response), fill), outcome=MISS)
+        return Reply(200, headers, tee(iter_body(response, target.registry), fill), outcome=MISS)
 
     # -- pass-through -----------------------------------------------------------------------
 
@@ -268,7 +268,7 @@ class Proxy:
     ) -> Reply:
         """tags/list and referrers go straight to upstream, uncached."""
         response = self._send("GET", target, client, params=params)
-        reply = self._forward(response, "GET")
+        reply = self._forward(response, "GET", target.registry)
         if target.kind == TAGS and target.client_name != target.name:
             reply.headers = [
                 (k, v.replace(f"/v2/{target.name}/", f"/v2/{target.client_name}/"))
@@ -317,12 +317,12 @@ class Proxy:
             follow_redirects=follow_redirects,
         )
 
-    def _forward(self, response: requests.Response, method: str) -> Reply:
+    def _forward(self, response: requests.Response, method: str, registry: str) -> Reply:
         headers = policy.forwardable_headers(response.headers.items())
         if method == "HEAD":
             response.close()
             return Reply(response.status_code, headers)
-        return Reply(response.status_code, headers, iter_body(response))
+        return Reply(response.status_code, headers, iter_body(response, registry))
 
     def _replay_headers(self, target: Target, meta: ObjectMeta) -> list[tuple[str, str]]:
         headers = [(k, v) for k, v in meta.headers if k.lower() not in _REPLAYED_BY_US]

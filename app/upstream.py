@@ -79,17 +79,43 @@ def parse_bearer_challenge(header: str | None) -> dict[str, str] | None:
     return params if params.get("realm") else None
 
 
-def iter_body(response: requests.Response) -> Iterator[bytes]:
-    """The raw body bytes as upstream sent them, releasing the connection at the end."""
-    try:
-        buffered = response._content  # bytes once something read .content (a kept 401)
-        if isinstance(buffered, bytes):
-            if buffered:
-                yield buffered
+def _raw_chunks(response: requests.Response) -> Iterator[bytes]:
+    """Whatever has arrived, up to CHUNK_SIZE at a time: slow upstreams stream without delay."""
+    buffered = response._content  # bytes once something has read .content (a kept 401)
+    if isinstance(buffered, bytes):
+        if buffered:
+            yield buffered
+        return
+    raw = response.raw
+    while True:
+        chunk = raw.read1(CHUNK_SIZE, decode_content=False)
+        if not chunk:
             return
-        yield from response.raw.stream(CHUNK_SIZE, decode_content=False)
-    finally:
+        yield chunk
+
+
+def iter_body(response: requests.Response, registry: str) -> Iterator[bytes]:
+    """The raw body as upstream sent it, releasing the connection at the end.
+
+    The first chunk is read before returning, so an upstream that fails before any
+    body byte becomes a clean 502 instead of a broken response.
+    """
+    chunks = _raw_chunks(response)
+    try:
+        first = next(chunks, b"")
+    except Exception as exc:
         response.close()
+        raise UpstreamUnavailable(registry, f"body failed: {type(exc).__name__}") from None
+
+    def body() -> Iterator[bytes]:
+        try:
+            if first:
+                yield first
+            yield from chunks
+        finally:
+            response.close()
+
+    return body()
 
 
 class Upstream:

@@ -102,12 +102,17 @@ class FilesystemWriter:
     def commit(self, meta: ObjectMeta) -> None:
         """Make the verified object visible: data renamed first, then the sidecar."""
         fd = self._open()
+        side_temp: str | None = None
+        renamed = False
         try:
             run_blocking(os.fsync, fd)
             os.close(fd)
             self._fd = None
+            # Hide any previous version first, so its sidecar never describes new bytes.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.sidecar_path)
             os.rename(self._temp, self.data_path)  # type: ignore[arg-type]
-            self._temp = None
+            self._temp, renamed = None, True
             side_fd, side_temp = tempfile.mkstemp(
                 prefix=TEMP_PREFIX, dir=os.path.dirname(self.sidecar_path)
             )
@@ -118,6 +123,10 @@ class FilesystemWriter:
                 os.close(side_fd)
             os.rename(side_temp, self.sidecar_path)
         except OSError as exc:
+            for leftover in (side_temp, self.data_path if renamed else None):
+                if leftover is not None:
+                    with contextlib.suppress(OSError):
+                        os.unlink(leftover)
             self.abort()
             raise StoreError(f"committing {self.data_path}: {exc}") from exc
         self._done = True

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import gevent
 import pytest
 import requests
 import responses
@@ -377,6 +378,21 @@ def test_truncated_blob_is_not_cached(client: FlaskClient, mock: responses.Reque
     assert len(mock.calls) == 2
 
 
+def test_client_disconnect_mid_blob_commits_nothing(
+    client: FlaskClient, mock: responses.RequestsMock, tmp_path: Path
+) -> None:
+    upstream_blob(mock)
+    response = client.get(BLOB_PATH, buffered=False)
+    first = next(iter(response.response))
+    assert first and BLOB.startswith(first)
+    response.close()  # the client went away before the stream ended
+    gevent.sleep(0.1)  # let the writer greenlet notice and abort
+    leftovers = [p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert leftovers == []
+    assert fetch(client, BLOB_PATH).data == BLOB
+    assert len(mock.calls) == 2
+
+
 def test_upstream_404_is_forwarded_and_not_cached(
     client: FlaskClient, mock: responses.RequestsMock
 ) -> None:
@@ -388,6 +404,24 @@ def test_upstream_404_is_forwarded_and_not_cached(
         assert json.loads(answer.data) == body
         assert answer.headers["Docker-Distribution-API-Version"] == API_VERSION
     assert len(mock.calls) == 2
+
+
+def test_upstream_401_is_forwarded_with_its_body_and_challenge(
+    client: FlaskClient, mock: responses.RequestsMock
+) -> None:
+    challenge = f'Bearer realm="https://auth.test/token",service="{REG}",scope="repository:x:pull"'
+    body = {"errors": [{"code": "UNAUTHORIZED", "message": "authentication required"}]}
+    mock.get(
+        f"{UP}/v2/{NAME}/manifests/v1",
+        status=401,
+        json=body,
+        headers={"WWW-Authenticate": challenge},
+    )
+    mock.get("https://auth.test/token", status=500)  # the anonymous token exchange fails
+    answer = fetch(client, f"/v2/{NAME}/manifests/v1")
+    assert answer.status == 401
+    assert json.loads(answer.data) == body
+    assert answer.headers["WWW-Authenticate"] == challenge
 
 
 def test_upstream_unreachable_is_502_naming_the_registry(

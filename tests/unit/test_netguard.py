@@ -129,6 +129,10 @@ def test_check_blocks_internal_and_allows_public_and_exempt() -> None:
         ("registry.test:5000", ("*.test:5000",), True),
         ("docker.io", ("quay.io", "docker.io"), True),
         ("ghcr.io", (), False),
+        ("[fd00::5]:5000", ("[fd00::5]:5000",), True),  # IPv6 brackets are literal
+        ("[::1]:5000", ("[::1]",), True),
+        ("[::1]:5000", ("[::2]",), False),
+        ("1", ("[::1]",), False),  # not a character class either
     ],
 )
 def test_matches_allowlist(registry: str, patterns: tuple[str, ...], expected: bool) -> None:

@@ -317,9 +317,10 @@ def test_dotdot_as_ns_registry_is_rejected() -> None:
         parse("app/manifests/v1", ns="../../etc")
 
 
-def test_dotdot_tag_is_tag_invalid() -> None:
-    with pytest.raises(TagInvalid):
+def test_dotdot_reference_is_a_400() -> None:
+    with pytest.raises(RegistryError) as info:
         parse("ghcr.io/org/app/manifests/..")
+    assert info.value.status == 400
 
 
 # -- Accept negotiation ----------------------------------------------------------------------------

@@ -184,6 +184,10 @@ def test_registry_inside_allowlist_is_reached(mock: responses.RequestsMock) -> N
     assert upstream.send("GET", "a.example.com", "/v2/", ClientHeaders()).status_code == 200
 
 
+def test_ipv6_registry_in_allowlist_is_allowed() -> None:
+    make(allowed_registries=("[fd00::5]:5000",)).check_allowed("[fd00::5]:5000")
+
+
 # -- errors ----------------------------------------------------------------------------------------
 
 
@@ -364,6 +368,8 @@ def test_transparent_mode_retries_rejected_client_credentials(
         "Bearer wrong-realm-token",
         "Bearer anon-1",
     ]
+    # The client's credentials are not handed to the token realm, another host.
+    assert "Authorization" not in token_calls(mock)[0].request.headers
 
 
 def test_authenticated_mode_does_not_retry_rejected_client_credentials(

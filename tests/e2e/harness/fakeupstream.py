@@ -1,0 +1,105 @@
+"""A deliberately misbehaving registry, for faults a real one will not produce on demand."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+@dataclass
+class Behaviour:
+    """How to answer one path: a body, and what to do wrong with it."""
+
+    body: bytes = b""
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    truncate_at: int | None = None  # close the connection after this many body bytes
+    stall_before_headers: float = 0.0
+    stall_after: int | None = None  # bytes sent before stalling
+    stall_for: float = 0.0
+    chunk: int = 65536
+    delay_per_chunk: float = 0.0
+
+
+class FakeUpstream:
+    """A threaded HTTP server on 127.0.0.1 whose answers the test scripts per path."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Behaviour] = {}
+        self.requests: list[tuple[str, str]] = []
+        self.on_request: Callable[[str, str], None] | None = None
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_HEAD(self) -> None:
+                self._answer(head=True)
+
+            def do_GET(self) -> None:
+                self._answer(head=False)
+
+            def _answer(self, head: bool) -> None:
+                path = self.path.split("?", 1)[0]
+                fake.requests.append((self.command, self.path))
+                b = fake.routes.get(path) or (Behaviour(status=200, body=b"{}")
+                                              if path == "/v2/" else Behaviour(status=404))
+                time.sleep(b.stall_before_headers)
+                self.send_response(b.status)
+                headers = {"Content-Length": str(len(b.body)), **b.headers}
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                if head:
+                    return
+                limit = len(b.body) if b.truncate_at is None else b.truncate_at
+                sent = 0
+                try:
+                    while sent < limit:
+                        if b.stall_after is not None and sent >= b.stall_after:
+                            time.sleep(b.stall_for)
+                            b_stall, b.stall_after = b.stall_after, None
+                            del b_stall
+                        piece = b.body[sent:min(limit, sent + b.chunk)]
+                        self.wfile.write(piece)
+                        self.wfile.flush()
+                        sent += len(piece)
+                        if b.delay_per_chunk:
+                            time.sleep(b.delay_per_chunk)
+                except OSError:
+                    return
+                if b.truncate_at is not None:
+                    self.close_connection = True
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.host = f"127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def start(self) -> FakeUpstream:
+        """Serve in a background thread."""
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close the socket."""
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> FakeUpstream:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def count(self, method: str, fragment: str) -> int:
+        """How many requests with this method touched a path containing fragment."""
+        return sum(1 for m, p in self.requests if m == method and fragment in p)
