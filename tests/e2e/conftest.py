@@ -32,14 +32,18 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
 def big_image(tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
     """A single-platform image with an 8 MiB uncompressed layer, for streaming tests."""
     return build_image(
-        tmp_path_factory.mktemp("big-layout"), "big", platforms=("linux/amd64",),
-        layer_sizes=(8 * 1024 * 1024,), compression="none",
+        tmp_path_factory.mktemp("big-layout"),
+        "big",
+        platforms=("linux/amd64",),
+        layer_sizes=(8 * 1024 * 1024,),
+        compression="none",
     )
 
 
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory: pytest.TempPathFactory, image: BuiltImage,
-             big_image: BuiltImage) -> Iterator[Registry]:
+def upstream(
+    tmp_path_factory: pytest.TempPathFactory, image: BuiltImage, big_image: BuiltImage
+) -> Iterator[Registry]:
     """An anonymous registry on 127.0.0.1 holding e2e/app:v1 and e2e/big:big."""
     with Registry(tmp_path_factory.mktemp("upstream")) as registry:
         image.push(f"docker://{registry.host}/e2e/app:v1")
@@ -48,23 +52,30 @@ def upstream(tmp_path_factory: pytest.TempPathFactory, image: BuiltImage,
 
 
 @pytest.fixture(scope="module")
-def alias_upstream(tmp_path_factory: pytest.TempPathFactory,
-                   image: BuiltImage) -> Iterator[Registry]:
+def alias_upstream(
+    tmp_path_factory: pytest.TempPathFactory, image: BuiltImage
+) -> Iterator[Registry]:
     """An anonymous registry reachable by the port-less name upstream.test (127.0.0.2:80)."""
     ensure_alias(ALIAS, ALIAS_IP)
-    with Registry(tmp_path_factory.mktemp("alias-upstream"), host=ALIAS_IP, port=80,
-                  hostname=ALIAS) as registry:
+    with Registry(
+        tmp_path_factory.mktemp("alias-upstream"), host=ALIAS_IP, port=80, hostname=ALIAS
+    ) as registry:
         image.push(f"docker://{registry.host}/e2e/app:v1")
         yield registry
 
 
 @pytest.fixture(scope="module")
-def token_upstream(tmp_path_factory: pytest.TempPathFactory,
-                   image: BuiltImage) -> Iterator[tuple[Registry, TokenServer]]:
+def token_upstream(
+    tmp_path_factory: pytest.TempPathFactory, image: BuiltImage
+) -> Iterator[tuple[Registry, TokenServer]]:
     """A token-auth registry: public/app pullable anonymously, private/app only by alice."""
     work = tmp_path_factory.mktemp("token-upstream")
-    tokens = TokenServer(work / "tokens", users={USER: PASSWORD}, acl={USER: {"*": ["*"]}},
-                         anonymous_pull=["public/*"])
+    tokens = TokenServer(
+        work / "tokens",
+        users={USER: PASSWORD},
+        acl={USER: {"*": ["*"]}},
+        anonymous_pull=["public/*"],
+    )
     with tokens, Registry(work / "registry", auth="token", token_server=tokens) as registry:
         for repo in ("public/app", "private/app"):
             image.push(f"docker://{registry.host}/{repo}:v1", creds=f"{USER}:{PASSWORD}")

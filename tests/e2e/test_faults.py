@@ -50,8 +50,9 @@ def _assert_nothing_committed(proxy: ProxyServer, digest: str) -> None:
     assert proxy.temp_files() == []
 
 
-def test_truncated_blob_is_never_committed(make_proxy: Callable[..., ProxyServer],
-                                           fake: FakeUpstream) -> None:
+def test_truncated_blob_is_never_committed(
+    make_proxy: Callable[..., ProxyServer], fake: FakeUpstream
+) -> None:
     digest, data = _blob(fake, 2 * MiB, truncate_at=MiB)
     proxy = _proxy(make_proxy, fake)
     with pytest.raises(requests.exceptions.RequestException):
@@ -82,8 +83,12 @@ def test_manifest_not_matching_its_digest_is_not_cached(
     body = b'{"schemaVersion":2}'
     lie = _digest(b"other")
     fake.routes["/v2/fault/repo/manifests/v1"] = Behaviour(
-        body=body, headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json",
-                            "Docker-Content-Digest": lie})
+        body=body,
+        headers={
+            "Content-Type": "application/vnd.oci.image.manifest.v1+json",
+            "Docker-Content-Digest": lie,
+        },
+    )
     proxy = _proxy(make_proxy, fake)
     for _ in range(2):
         r = requests.get(f"{proxy.url}/v2/fault/repo/manifests/v1", timeout=10)
@@ -92,8 +97,9 @@ def test_manifest_not_matching_its_digest_is_not_cached(
     assert not list(proxy.fs_root.rglob("*.meta.json"))
 
 
-def test_upstream_silent_before_headers_gives_502(make_proxy: Callable[..., ProxyServer],
-                                                  fake: FakeUpstream) -> None:
+def test_upstream_silent_before_headers_gives_502(
+    make_proxy: Callable[..., ProxyServer], fake: FakeUpstream
+) -> None:
     digest, _ = _blob(fake, 1024, stall_before_headers=3)
     proxy = _proxy(make_proxy, fake, UPSTREAM_READ_TIMEOUT="1")
     r = requests.get(f"{proxy.url}/v2/fault/repo/blobs/{digest}", timeout=10)
@@ -112,12 +118,12 @@ def test_upstream_stalling_mid_body_cuts_client_and_commits_nothing(
     _assert_nothing_committed(proxy, digest)
 
 
-def test_slow_upstream_still_streams_and_commits(make_proxy: Callable[..., ProxyServer],
-                                                 fake: FakeUpstream) -> None:
+def test_slow_upstream_still_streams_and_commits(
+    make_proxy: Callable[..., ProxyServer], fake: FakeUpstream
+) -> None:
     digest, data = _blob(fake, MiB, chunk=64 * 1024, delay_per_chunk=0.05)
     proxy = _proxy(make_proxy, fake)
-    with requests.get(f"{proxy.url}/v2/fault/repo/blobs/{digest}", stream=True,
-                      timeout=10) as r:
+    with requests.get(f"{proxy.url}/v2/fault/repo/blobs/{digest}", stream=True, timeout=10) as r:
         first = next(r.iter_content(64 * 1024))
         assert first, "bytes reach the client while upstream is still sending"
         assert fake.count("GET", digest) == 1
@@ -202,7 +208,10 @@ HEX = "a" * 64
     ],
 )
 def test_bad_input_gets_oci_errors_and_touches_nothing(
-    make_proxy: Callable[..., ProxyServer], fake: FakeUpstream, path: str, status: int,
+    make_proxy: Callable[..., ProxyServer],
+    fake: FakeUpstream,
+    path: str,
+    status: int,
     code: str | None,
 ) -> None:
     proxy = _proxy(make_proxy, fake)
@@ -236,8 +245,10 @@ def _connected(listener: socket.socket) -> bool:
     return True
 
 
-@pytest.mark.parametrize("name", ["127.0.0.1:{port}", "localhost:{port}", "[::1]:{port}",
-                                  "169.254.169.254", "10.1.2.3:{port}"])
+@pytest.mark.parametrize(
+    "name",
+    ["127.0.0.1:{port}", "localhost:{port}", "[::1]:{port}", "169.254.169.254", "10.1.2.3:{port}"],
+)
 def test_ssrf_internal_upstream_refused_without_connecting(
     make_proxy: Callable[..., ProxyServer], listener: socket.socket, name: str
 ) -> None:
@@ -254,8 +265,9 @@ def test_ssrf_redirect_to_internal_address_refused(
 ) -> None:
     digest = _digest(b"x")
     target = f"http://127.0.0.1:{listener.getsockname()[1]}/internal"
-    fake.routes[f"/v2/fault/repo/blobs/{digest}"] = Behaviour(status=307,
-                                                               headers={"Location": target})
+    fake.routes[f"/v2/fault/repo/blobs/{digest}"] = Behaviour(
+        status=307, headers={"Location": target}
+    )
     proxy = _proxy(make_proxy, fake)
     r = requests.get(f"{proxy.url}/v2/fault/repo/blobs/{digest}", timeout=10)
     assert r.status_code == 403 and r.json()["errors"][0]["code"] == "DENIED"
@@ -267,8 +279,10 @@ def test_ssrf_token_realm_on_internal_address_refused(
 ) -> None:
     realm = f"http://127.0.0.1:{listener.getsockname()[1]}/token"
     fake.routes["/v2/fault/repo/manifests/v1"] = Behaviour(
-        status=401, body=b'{"errors":[]}',
-        headers={"WWW-Authenticate": f'Bearer realm="{realm}",service="x"'})
+        status=401,
+        body=b'{"errors":[]}',
+        headers={"WWW-Authenticate": f'Bearer realm="{realm}",service="x"'},
+    )
     proxy = _proxy(make_proxy, fake)
     r = requests.get(f"{proxy.url}/v2/fault/repo/manifests/v1", timeout=10)
     assert r.status_code == 403 and r.json()["errors"][0]["code"] == "DENIED"

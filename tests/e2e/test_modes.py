@@ -22,18 +22,27 @@ def session() -> Iterator[requests.Session]:
 
 
 def _token(tokens: TokenServer, repo: str, creds: tuple[str, str] | None) -> str:
-    r = requests.get(tokens.realm, params={"service": tokens.service,
-                                           "scope": f"repository:{repo}:pull"},
-                     auth=creds, timeout=10)
+    r = requests.get(
+        tokens.realm,
+        params={"service": tokens.service, "scope": f"repository:{repo}:pull"},
+        auth=creds,
+        timeout=10,
+    )
     r.raise_for_status()
     return r.json()["token"]
 
 
-def _proxy_for(make_proxy: Callable[..., ProxyServer], registry: Registry, tokens: TokenServer,
-               mode: str) -> ProxyServer:
+def _proxy_for(
+    make_proxy: Callable[..., ProxyServer], registry: Registry, tokens: TokenServer, mode: str
+) -> ProxyServer:
     token_host = tokens.url.split("//", 1)[1]
-    return make_proxy({"PROXY_MODE": mode, "UPSTREAM_REGISTRY": registry.host,
-                       "INSECURE_REGISTRIES": f"{registry.host},{token_host}"})
+    return make_proxy(
+        {
+            "PROXY_MODE": mode,
+            "UPSTREAM_REGISTRY": registry.host,
+            "INSECURE_REGISTRIES": f"{registry.host},{token_host}",
+        }
+    )
 
 
 def _layer(image: BuiltImage) -> str:
@@ -44,7 +53,8 @@ def _layer(image: BuiltImage) -> str:
 
 
 def test_transparent_v2_forwarded_then_static_200_when_upstream_down(
-    make_proxy: Callable[..., ProxyServer], token_upstream: tuple[Registry, TokenServer],
+    make_proxy: Callable[..., ProxyServer],
+    token_upstream: tuple[Registry, TokenServer],
     session: requests.Session,
 ) -> None:
     registry, tokens = token_upstream
@@ -63,8 +73,10 @@ def test_transparent_v2_forwarded_then_static_200_when_upstream_down(
 
 
 def test_transparent_hits_ignore_authorization_and_survive_upstream_outage(
-    make_proxy: Callable[..., ProxyServer], token_upstream: tuple[Registry, TokenServer],
-    image: BuiltImage, session: requests.Session,
+    make_proxy: Callable[..., ProxyServer],
+    token_upstream: tuple[Registry, TokenServer],
+    image: BuiltImage,
+    session: requests.Session,
 ) -> None:
     """Miss (upstream up): forwarded with the client's credentials and filled; then HEAD and
     GET hits are served from cache with any Authorization, even with upstream stopped."""
@@ -103,8 +115,10 @@ def test_transparent_hits_ignore_authorization_and_survive_upstream_outage(
 
 
 def test_transparent_miss_forwards_client_credentials(
-    make_proxy: Callable[..., ProxyServer], token_upstream: tuple[Registry, TokenServer],
-    image: BuiltImage, session: requests.Session,
+    make_proxy: Callable[..., ProxyServer],
+    token_upstream: tuple[Registry, TokenServer],
+    image: BuiltImage,
+    session: requests.Session,
 ) -> None:
     """Without credentials the private repository is refused; with them it is served."""
     registry, tokens = token_upstream
@@ -120,7 +134,8 @@ def test_transparent_miss_forwards_client_credentials(
 
 
 def test_authenticated_v2_forwarded_and_502_when_upstream_down(
-    make_proxy: Callable[..., ProxyServer], token_upstream: tuple[Registry, TokenServer],
+    make_proxy: Callable[..., ProxyServer],
+    token_upstream: tuple[Registry, TokenServer],
     session: requests.Session,
 ) -> None:
     registry, tokens = token_upstream
@@ -135,8 +150,10 @@ def test_authenticated_v2_forwarded_and_502_when_upstream_down(
 
 
 def test_authenticated_head_always_forwarded(
-    make_proxy: Callable[..., ProxyServer], token_upstream: tuple[Registry, TokenServer],
-    image: BuiltImage, session: requests.Session,
+    make_proxy: Callable[..., ProxyServer],
+    token_upstream: tuple[Registry, TokenServer],
+    image: BuiltImage,
+    session: requests.Session,
 ) -> None:
     registry, tokens = token_upstream
     proxy = _proxy_for(make_proxy, registry, tokens, "authenticated")
@@ -148,7 +165,8 @@ def test_authenticated_head_always_forwarded(
     mark = registry.mark()
     assert session.head(url, headers=bearer, timeout=10).status_code == 200
     registry.wait_for_requests(
-        lambda es: any(e.method == "HEAD" and layer in e.path for e in es), since=mark)
+        lambda es: any(e.method == "HEAD" and layer in e.path for e in es), since=mark
+    )
     assert session.head(url, timeout=10).status_code == 401, "cache not consulted for HEAD"
     registry.stop()
     try:
@@ -158,8 +176,10 @@ def test_authenticated_head_always_forwarded(
 
 
 def test_authenticated_get_hit_checks_upstream_first(
-    make_proxy: Callable[..., ProxyServer], token_upstream: tuple[Registry, TokenServer],
-    image: BuiltImage, session: requests.Session,
+    make_proxy: Callable[..., ProxyServer],
+    token_upstream: tuple[Registry, TokenServer],
+    image: BuiltImage,
+    session: requests.Session,
 ) -> None:
     """200 -> served from cache; 401 -> forwarded; 404 -> forwarded; unreachable -> 502."""
     registry, tokens = token_upstream
@@ -177,7 +197,8 @@ def test_authenticated_get_hit_checks_upstream_first(
     assert r.status_code == 200 and r.content == data
     assert r.headers["Cache-Control"] == "public, max-age=31536000, immutable"
     log = registry.wait_for_requests(
-        lambda es: any(e.method == "HEAD" and layer in e.path for e in es), since=mark)
+        lambda es: any(e.method == "HEAD" and layer in e.path for e in es), since=mark
+    )
     assert [e for e in log if e.method == "GET" and layer in e.path] == [], "body from cache"
 
     # 401: a client the upstream rejects never gets the cached bytes
@@ -188,8 +209,7 @@ def test_authenticated_get_hit_checks_upstream_first(
 
     # 404: the blob is cached (keyed by digest) but not in this repository upstream
     anon_public = {"Authorization": f"Bearer {_token(tokens, 'public/other', None)}"}
-    r = session.get(f"{proxy.url}/v2/public/other/blobs/{layer}", headers=anon_public,
-                    timeout=10)
+    r = session.get(f"{proxy.url}/v2/public/other/blobs/{layer}", headers=anon_public, timeout=10)
     assert r.status_code == 404 and data not in r.content
 
     registry.stop()
@@ -201,8 +221,10 @@ def test_authenticated_get_hit_checks_upstream_first(
 
 
 def test_authenticated_cached_tag_is_checked_and_served(
-    make_proxy: Callable[..., ProxyServer], token_upstream: tuple[Registry, TokenServer],
-    image: BuiltImage, session: requests.Session,
+    make_proxy: Callable[..., ProxyServer],
+    token_upstream: tuple[Registry, TokenServer],
+    image: BuiltImage,
+    session: requests.Session,
 ) -> None:
     registry, tokens = token_upstream
     proxy = _proxy_for(make_proxy, registry, tokens, "authenticated")
@@ -213,6 +235,7 @@ def test_authenticated_cached_tag_is_checked_and_served(
     r = session.get(url, headers={**bearer, **ACCEPT}, timeout=10)
     assert r.status_code == 200 and r.content == image.top.data
     log = registry.wait_for_requests(
-        lambda es: any(e.method == "HEAD" and "/manifests/v1" in e.path for e in es), since=mark)
+        lambda es: any(e.method == "HEAD" and "/manifests/v1" in e.path for e in es), since=mark
+    )
     assert [e for e in log if e.method == "GET"] == []
     assert session.get(url, headers=ACCEPT, timeout=10).status_code == 401

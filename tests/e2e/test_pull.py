@@ -39,7 +39,9 @@ def test_skopeo_hostless_cold_then_warm_makes_no_upstream_blob_request(
 
 
 def test_skopeo_path_encoded_with_portless_alias(
-    make_proxy: Callable[..., ProxyServer], alias_upstream: Registry, image: BuiltImage,
+    make_proxy: Callable[..., ProxyServer],
+    alias_upstream: Registry,
+    image: BuiltImage,
     tmp_path: Path,
 ) -> None:
     """Path-encoded form: proxy/upstream.test/e2e/app:v1, cold then warm."""
@@ -53,15 +55,21 @@ def test_skopeo_path_encoded_with_portless_alias(
 
 def _get_all(proxy: ProxyServer, prefix: str, image: BuiltImage, query: str = "") -> None:
     """Fetch the index, every manifest and blob with requests, checking every digest."""
-    r = requests.get(f"{proxy.url}/v2/{prefix}/manifests/v1{query}",
-                     headers={"Accept": ", ".join(ACCEPT)}, timeout=10)
+    r = requests.get(
+        f"{proxy.url}/v2/{prefix}/manifests/v1{query}",
+        headers={"Accept": ", ".join(ACCEPT)},
+        timeout=10,
+    )
     assert r.status_code == 200, r.text
     assert r.headers["Docker-Content-Digest"] == image.ref_digest
     assert r.content == image.top.data
     for digest, blob in {**image.manifests(), **image.blobs()}.items():
         kind = "manifests" if digest in image.manifests() else "blobs"
-        r = requests.get(f"{proxy.url}/v2/{prefix}/{kind}/{digest}{query}",
-                         headers={"Accept": ", ".join(ACCEPT)}, timeout=10)
+        r = requests.get(
+            f"{proxy.url}/v2/{prefix}/{kind}/{digest}{query}",
+            headers={"Accept": ", ".join(ACCEPT)},
+            timeout=10,
+        )
         assert r.status_code == 200, (digest, r.text)
         assert r.content == blob.data
 
@@ -89,19 +97,29 @@ def test_path_encoded_with_port_by_requests(
 
 
 def test_token_upstream_public_anonymous_private_with_credentials(
-    make_proxy: Callable[..., ProxyServer], token_upstream: tuple[Registry, TokenServer],
-    image: BuiltImage, tmp_path: Path,
+    make_proxy: Callable[..., ProxyServer],
+    token_upstream: tuple[Registry, TokenServer],
+    image: BuiltImage,
+    tmp_path: Path,
 ) -> None:
     """Token auth upstream, host-less: anonymous public pull, private needs credentials."""
     registry, tokens = token_upstream
-    proxy = make_proxy({"UPSTREAM_REGISTRY": registry.host,
-                        "INSECURE_REGISTRIES": f"{registry.host},{tokens.url.split('//')[1]}"})
+    proxy = make_proxy(
+        {
+            "UPSTREAM_REGISTRY": registry.host,
+            "INSECURE_REGISTRIES": f"{registry.host},{tokens.url.split('//')[1]}",
+        }
+    )
     _pull_ok(f"docker://{proxy.host}/public/app:v1", tmp_path / "public", image)
     denied = skopeo_pull(f"docker://{proxy.host}/private/app:v1", tmp_path / "denied")
     assert denied.returncode != 0
     assert "unauthorized" in denied.stderr.lower() or "denied" in denied.stderr.lower()
-    _pull_ok(f"docker://{proxy.host}/private/app:v1", tmp_path / "private", image,
-             creds=f"{USER}:{PASSWORD}")
+    _pull_ok(
+        f"docker://{proxy.host}/private/app:v1",
+        tmp_path / "private",
+        image,
+        creds=f"{USER}:{PASSWORD}",
+    )
 
 
 def test_tags_list_and_referrers_pass_through(
@@ -115,8 +133,9 @@ def test_tags_list_and_referrers_pass_through(
     mark = upstream.mark()
     requests.get(f"{proxy.url}/v2/e2e/app/tags/list", timeout=10).raise_for_status()
     upstream.wait_for_requests(lambda es: any("/tags/list" in e.path for e in es), since=mark)
-    r = requests.get(f"{proxy.url}/v2/e2e/app/referrers/{image.manifest_digests['linux/amd64']}",
-                     timeout=10)
+    r = requests.get(
+        f"{proxy.url}/v2/e2e/app/referrers/{image.manifest_digests['linux/amd64']}", timeout=10
+    )
     # distribution 2.8 predates the referrers API: its answer (404) is forwarded as-is.
     assert r.status_code == 404
     assert r.headers["Docker-Distribution-API-Version"] == "registry/2.0"

@@ -48,8 +48,9 @@ class FakeUpstream:
             def _answer(self, head: bool) -> None:
                 path = self.path.split("?", 1)[0]
                 fake.requests.append((self.command, self.path))
-                b = fake.routes.get(path) or (Behaviour(status=200, body=b"{}")
-                                              if path == "/v2/" else Behaviour(status=404))
+                b = fake.routes.get(path) or (
+                    Behaviour(status=200, body=b"{}") if path == "/v2/" else Behaviour(status=404)
+                )
                 time.sleep(b.stall_before_headers)
                 self.send_response(b.status)
                 headers = {"Content-Length": str(len(b.body)), **b.headers}
@@ -66,7 +67,7 @@ class FakeUpstream:
                             time.sleep(b.stall_for)
                             b_stall, b.stall_after = b.stall_after, None
                             del b_stall
-                        piece = b.body[sent:min(limit, sent + b.chunk)]
+                        piece = b.body[sent : min(limit, sent + b.chunk)]
                         self.wfile.write(piece)
                         self.wfile.flush()
                         sent += len(piece)

@@ -73,16 +73,28 @@ class ProxyServer:
     def command(self) -> list[str]:
         """The command line, exactly as the README documents it."""
         if self.server == "flask":
-            return [str(BIN_DIR / "flask"), "--app", "wsgi", "run", "--host", "127.0.0.1",
-                    "--port", str(self.port)]
+            return [
+                str(BIN_DIR / "flask"),
+                "--app",
+                "wsgi",
+                "run",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ]
         return [str(BIN_DIR / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"]
 
     def start(self, wait: bool = True) -> ProxyServer:
         """Start the server and wait for /healthz."""
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            self.command(), cwd=REPO_ROOT, env=self.env, stdout=self._log,
-            stderr=subprocess.STDOUT, start_new_session=True,
+            self.command(),
+            cwd=REPO_ROOT,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         if wait:
             self.wait_ready()
