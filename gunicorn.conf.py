@@ -84,6 +84,27 @@ if _tls:
     certfile = keyfile = _self_signed_memfd()
 
 
+def on_starting(server):
+    """Refuse to start on an invalid configuration, with one clear line and no worker churn.
+
+    The check runs in a child process: the master must not import the app before the
+    gevent workers have monkey-patched.
+    """
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from app.cli import check_config; sys.exit(check_config())",
+        ],
+        cwd=os.path.dirname(os.path.abspath(__file__)),
+    )
+    if proc.returncode != 0:
+        raise SystemExit(proc.returncode)
+
+
 def post_worker_init(worker):
     """Zero-copy hits: give gevent's socket a cooperative os.sendfile loop.
 

@@ -43,6 +43,18 @@ def healthcheck(timeout: float = 5.0) -> int:
     return 0 if ok else 1
 
 
+def check_config() -> int:
+    """Validate the environment; print the one error line and return 1 if it is invalid."""
+    from app.config import Config, ConfigError
+
+    try:
+        Config.from_env()
+    except ConfigError as error:
+        print(f"oci-pull-through: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
     load_dotenv()
@@ -52,9 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="oci-pull-through")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("healthcheck", help="probe /healthz on LISTEN_ADDR; exit 0 or 1")
+    sub.add_parser("check-config", help="validate the configuration; exit 0 or 1")
     parsed = parser.parse_args(args)
     if parsed.command == "healthcheck":
         return healthcheck()
+    if parsed.command == "check-config":
+        return check_config()
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from app.errors import RegistryError
 from app.oci import normalize_registry, split_hostport
@@ -13,6 +14,7 @@ TRANSPARENT, AUTHENTICATED = "transparent", "authenticated"
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 _LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
+_MAX_PRESIGN_SECONDS = 7 * 24 * 3600
 
 
 class ConfigError(Exception):
@@ -47,6 +49,9 @@ class Config:
     s3_prefix: str = ""
     s3_force_path_style: bool = True
     s3_lifecycle_days: int = 28
+    s3_presign_expiry: int = 900
+    s3_public_endpoint_url: str | None = None
+    s3_redirect: bool = True
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -74,6 +79,9 @@ class Config:
             s3_prefix=reader.text("S3_PREFIX", "").strip("/"),
             s3_force_path_style=reader.boolean("S3_FORCE_PATH_STYLE", True),
             s3_lifecycle_days=reader.integer("S3_LIFECYCLE_DAYS", 28, minimum=0),
+            s3_presign_expiry=reader.presign_expiry("S3_PRESIGN_EXPIRY", 900),
+            s3_public_endpoint_url=reader.url("S3_PUBLIC_ENDPOINT_URL"),
+            s3_redirect=reader.boolean("S3_REDIRECT", True),
         )
 
 
@@ -135,6 +143,24 @@ class _Reader:
             raise ConfigError(name, value, "expected a positive number of seconds")
         return number
 
+    def presign_expiry(self, name: str, default: int) -> int:
+        value = self.raw(name)
+        if value is None:
+            return default
+        seconds = int(self.seconds(name, default))
+        if not 1 <= seconds <= _MAX_PRESIGN_SECONDS:  # SigV4 presigned URLs live at most 7 days
+            raise ConfigError(name, value, f"expected 1 to {_MAX_PRESIGN_SECONDS} seconds")
+        return seconds
+
+    def url(self, name: str) -> str | None:
+        value = self.raw(name)
+        if value is None:
+            return None
+        parsed = urlsplit(value)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc or parsed.query:
+            raise ConfigError(name, value, "expected an http:// or https:// URL")
+        return value.rstrip("/")
+
     def registry(self, name: str, default: str) -> str:
         value = self.raw(name) or default
         try:
@@ -166,8 +192,8 @@ class _Reader:
         host, _, port = value.rpartition(":")
         try:
             if host:
-                split_hostport(value)
-            valid = port.isdigit() and 0 < int(port) < 65536
+                split_hostport(host)
+            valid = port.isdigit() and 0 <= int(port) < 65536
         except ValueError:
             valid = False
         if not valid:

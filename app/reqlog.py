@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import time
@@ -82,27 +81,17 @@ def counted(body: Iterable[bytes], record: RequestRecord) -> Iterator[bytes]:
         record.finish()
 
 
-@functools.cache
-def _logging_wrapper(base: type) -> type:
-    class LoggingFileWrapper(base):  # type: ignore[misc,valid-type]
-        """The server's own file wrapper (so it still uses sendfile), logging on close."""
-
-        record: RequestRecord | None = None
-
-        def close(self) -> None:
-            try:
-                super().close()
-            finally:
-                if self.record is not None:
-                    self.record.finish()
-
-    return LoggingFileWrapper
-
-
 def wrap_file(base: type, fh: BinaryIO, record: RequestRecord, block_size: int) -> object:
-    """Wrap a file with the server's wsgi.file_wrapper class, logging the request on close."""
-    wrapper = _logging_wrapper(base)(fh, block_size)
-    wrapper.record = record
+    """Wrap a file in the server's own wsgi.file_wrapper (so it uses sendfile), logging on close."""
+    wrapper = base(fh, block_size)
+
+    def close() -> None:
+        try:
+            fh.close()
+        finally:
+            record.finish()
+
+    wrapper.close = close  # the server calls close() after the last byte went out
     return wrapper
 
 

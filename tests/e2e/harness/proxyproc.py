@@ -8,11 +8,13 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
 import requests
+from urllib3.exceptions import InsecureRequestWarning
 
 from .ports import free_port
 
@@ -107,9 +109,12 @@ class ProxyServer:
             if self.proc is not None and self.proc.poll() is not None:
                 raise ProxyError(f"proxy exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                with requests.get(f"{self.url}/healthz", timeout=1, verify=False) as r:
-                    if r.status_code == 200:
-                        return
+                with warnings.catch_warnings():
+                    # the self-signed TLS mode is probed without verification
+                    warnings.simplefilter("ignore", InsecureRequestWarning)
+                    with requests.get(f"{self.url}/healthz", timeout=1, verify=False) as r:
+                        if r.status_code == 200:
+                            return
             except requests.RequestException:
                 pass
             time.sleep(0.1)
