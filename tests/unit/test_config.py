@@ -162,7 +162,7 @@ def test_empty_boolean_uses_default() -> None:
         ("S3_LIFECYCLE_DAYS", "ten"),
         ("LISTEN_ADDR", "0.0.0.0:"),
         ("LISTEN_ADDR", ":http"),
-        ("LISTEN_ADDR", ":0"),
+        ("LISTEN_ADDR", ":-1"),
         ("LISTEN_ADDR", ":70000"),
         ("LISTEN_ADDR", "[::1:8080"),
         ("UPSTREAM_REGISTRY", "https://registry.test"),
@@ -230,3 +230,10 @@ def test_allowed_registries_patterns() -> None:
 
 def test_allowed_registries_wildcard_with_port() -> None:
     assert load(ALLOWED_REGISTRIES="*.test:5000").allowed_registries == ("*.test:5000",)
+
+
+def test_listen_addr_port_zero_means_any_free_port() -> None:
+    """Port 0 asks the kernel for a free port (tests and one-off runs use it)."""
+    assert Config.from_env(
+        {"PROXY_MODE": "transparent", "LISTEN_ADDR": "127.0.0.1:0"}
+    ).listen_addr == ("127.0.0.1:0")
