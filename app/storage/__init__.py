@@ -103,8 +103,8 @@ def make_storage(config: Config) -> Storage:
         from app.storage.fs import FilesystemStorage
 
         return FilesystemStorage(config.fs_root)
-    raise ConfigError(
-        "STORAGE_BACKEND",
-        config.storage_backend,
-        "the S3 backend is not implemented yet; set STORAGE_BACKEND=fs",
-    )
+    if config.storage_backend == "s3":
+        from app.storage.s3 import S3Storage
+
+        return S3Storage.from_config(config)
+    raise ConfigError("STORAGE_BACKEND", config.storage_backend, "allowed values are s3, fs")

@@ -1,0 +1,306 @@
+"""app/storage/s3.py with moto: the failures a real S3 server will not produce on demand."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from botocore.exceptions import ClientError, NoCredentialsError
+from moto import mock_aws
+
+from app.storage import NotFound, ObjectMeta, StoreError, keys
+from app.storage.s3 import S3Storage
+from app.storage.s3bucket import make_client
+from app.tee import CLIENT_GONE, COMMITTED, DIGEST_MISMATCH, SourceFailed, fill
+
+BUCKET = "unit"
+PREFIX = "inst-a"
+MiB = 1024 * 1024
+DATA = bytes(range(256)) * (20 * MiB // 256) + b"end"  # 20 MiB: two full parts and a tail
+DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()
+KEY = keys.blob(DIGEST)
+
+
+@pytest.fixture
+def client(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    with mock_aws():
+        s3 = make_client()
+        s3.create_bucket(Bucket=BUCKET)
+        yield s3
+
+
+@pytest.fixture
+def storage(client: Any) -> S3Storage:
+    return S3Storage(client, BUCKET, PREFIX)
+
+
+def meta(data: bytes = DATA, digest: str = DIGEST, **kwargs: Any) -> ObjectMeta:
+    return ObjectMeta(digest=digest, size=len(data), media_type="application/x-test", **kwargs)
+
+
+def write_all(storage: S3Storage, key: str, data: bytes, chunk: int = MiB) -> Any:
+    writer = storage.writer(key)
+    for i in range(0, len(data), chunk):
+        writer.write(data[i : i + chunk])
+    return writer
+
+
+def objects(client: Any) -> list[str]:
+    return [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET).get("Contents", [])]
+
+
+def uploads(client: Any) -> list[str]:
+    return [u["Key"] for u in client.list_multipart_uploads(Bucket=BUCKET).get("Uploads", [])]
+
+
+def client_error(code: str, operation: str, status: int = 500) -> ClientError:
+    return ClientError(
+        {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}},
+        operation,
+    )
+
+
+def record_calls(monkeypatch: pytest.MonkeyPatch, client: Any, name: str) -> list[dict[str, Any]]:
+    calls: list[dict[str, Any]] = []
+    real = getattr(client, name)
+
+    def recorder(**kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(client, name, recorder)
+    return calls
+
+
+# -- uploads ------------------------------------------------------------------------------------
+
+
+def test_large_object_goes_up_in_parts_of_at_least_8_mib(
+    storage: S3Storage, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parts = record_calls(monkeypatch, client, "upload_part")
+    committed = meta()
+    write_all(storage, KEY, DATA).commit(committed)
+    sizes = [len(call["Body"]) for call in parts]
+    assert sizes == [8 * MiB, 8 * MiB, len(DATA) - 16 * MiB]
+    assert sorted(objects(client)) == [f"{PREFIX}/{KEY}", f"{PREFIX}/{keys.sidecar(KEY)}"]
+    assert uploads(client) == []
+    assert storage.stat(KEY) == committed
+
+
+def test_small_object_is_one_put_and_no_multipart_upload(
+    storage: S3Storage, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    created = record_calls(monkeypatch, client, "create_multipart_upload")
+    data = b"x" * (8 * MiB - 1)
+    write_all(storage, KEY, data).commit(meta(data))
+    assert created == []
+    with storage.open(KEY) as fh:
+        assert fh.read() == data
+
+
+def test_upload_part_failure_aborts_the_upload_and_leaves_nothing(
+    storage: S3Storage, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = client.upload_part
+    calls = []
+
+    def flaky(**kwargs: Any) -> Any:
+        calls.append(kwargs["PartNumber"])
+        if len(calls) == 2:
+            raise client_error("InternalError", "UploadPart")
+        return real(**kwargs)
+
+    monkeypatch.setattr(client, "upload_part", flaky)
+    with pytest.raises(StoreError, match="InternalError"):
+        write_all(storage, KEY, DATA)
+    assert calls == [1, 2]
+    assert uploads(client) == []
+    assert objects(client) == []
+    with pytest.raises(NotFound):
+        storage.stat(KEY)
+
+
+def test_complete_failure_aborts_the_upload(
+    storage: S3Storage, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(**kwargs: Any) -> Any:
+        raise client_error("InternalError", "CompleteMultipartUpload")
+
+    monkeypatch.setattr(client, "complete_multipart_upload", fail)
+    writer = write_all(storage, KEY, DATA)
+    assert uploads(client) != []
+    with pytest.raises(StoreError):
+        writer.commit(meta())
+    assert uploads(client) == []
+    assert objects(client) == []
+
+
+def test_sidecar_failure_removes_the_data_too(
+    storage: S3Storage, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = client.put_object
+
+    def no_sidecars(**kwargs: Any) -> Any:
+        if kwargs["Key"].endswith(keys.SIDECAR_SUFFIX):
+            raise client_error("SlowDown", "PutObject", 503)
+        return real(**kwargs)
+
+    monkeypatch.setattr(client, "put_object", no_sidecars)
+    with pytest.raises(StoreError):
+        write_all(storage, KEY, b"small").commit(meta(b"small"))
+    assert objects(client) == []
+
+
+def chunks_of(data: bytes, fail_after: int | None = None) -> Iterator[bytes]:
+    for i in range(0, len(data), MiB):
+        if fail_after is not None and i >= fail_after:
+            raise SourceFailed(CLIENT_GONE)
+        yield data[i : i + MiB]
+
+
+def test_fill_digest_mismatch_aborts_the_multipart_upload(storage: S3Storage, client: Any) -> None:
+    result = fill(
+        chunks_of(DATA),
+        storage.writer(KEY),
+        expected_digest="sha256:" + "00" * 32,
+        expected_size=len(DATA),
+        make_meta=lambda d, n: meta(DATA, d),
+    )
+    assert result == DIGEST_MISMATCH
+    assert uploads(client) == []
+    assert objects(client) == []
+
+
+def test_fill_source_gone_mid_upload_aborts_it(
+    storage: S3Storage, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parts = record_calls(monkeypatch, client, "upload_part")
+    result = fill(
+        chunks_of(DATA, fail_after=17 * MiB),
+        storage.writer(KEY),
+        expected_digest=DIGEST,
+        expected_size=len(DATA),
+        make_meta=lambda d, n: meta(DATA, d),
+    )
+    assert result == CLIENT_GONE
+    assert len(parts) == 2, "two parts were uploaded before the source went away"
+    assert uploads(client) == []
+    assert objects(client) == []
+
+
+def test_fill_commits_through_s3(storage: S3Storage, client: Any) -> None:
+    result = fill(
+        chunks_of(DATA),
+        storage.writer(KEY),
+        expected_digest=DIGEST,
+        expected_size=len(DATA),
+        make_meta=lambda d, n: meta(DATA, d),
+    )
+    assert result == COMMITTED
+    assert storage.stat(KEY).digest == DIGEST
+    assert uploads(client) == []
+
+
+def test_abort_failure_is_logged_not_raised(
+    storage: S3Storage, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = write_all(storage, KEY, DATA[: 9 * MiB])
+
+    def fail(**kwargs: Any) -> Any:
+        raise client_error("InternalError", "AbortMultipartUpload")
+
+    monkeypatch.setattr(client, "abort_multipart_upload", fail)
+    writer.abort()
+    writer.abort()
+    with pytest.raises(StoreError):
+        writer.write(b"more")
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+def test_missing_sidecar_is_not_found(storage: S3Storage, client: Any) -> None:
+    client.put_object(Bucket=BUCKET, Key=f"{PREFIX}/{KEY}", Body=b"orphan")
+    with pytest.raises(NotFound):
+        storage.stat(KEY)
+
+
+def test_missing_bucket_is_a_store_error(client: Any) -> None:
+    storage = S3Storage(client, "no-such-bucket", PREFIX)
+    with pytest.raises(StoreError):
+        storage.stat(KEY)
+    with pytest.raises(StoreError):
+        write_all(storage, KEY, b"x").commit(meta(b"x"))
+
+
+def test_sidecar_near_lifecycle_expiry_reads_as_missing(client: Any) -> None:
+    storage = S3Storage(client, BUCKET, PREFIX, lifecycle_days=2)
+    fresh = meta(b"x", stored_at=time.time() - 0.9 * 86400)
+    write_all(storage, KEY, b"x").commit(fresh)
+    assert storage.stat(KEY) == fresh
+    write_all(storage, KEY, b"x").commit(meta(b"x", stored_at=time.time() - 1.1 * 86400))
+    with pytest.raises(NotFound):
+        storage.stat(KEY)
+
+
+def test_range_read_fetches_only_the_range(
+    storage: S3Storage, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_all(storage, KEY, DATA).commit(meta())
+    gets = record_calls(monkeypatch, client, "get_object")
+    with storage.open(KEY) as fh:
+        assert gets == [], "open must not download anything"
+        fh.seek(10 * MiB)
+        fh.limit(5)
+        assert fh.read(1 * MiB) == DATA[10 * MiB : 10 * MiB + 5]
+        assert fh.read(1) == b""
+        assert not hasattr(fh, "fileno") or _no_fileno(fh)
+    assert [g["Range"] for g in gets] == [f"bytes={10 * MiB}-{10 * MiB + 4}"]
+
+
+def _no_fileno(fh: Any) -> bool:
+    try:
+        fh.fileno()
+    except OSError:
+        return True
+    return False
+
+
+# -- presigning ---------------------------------------------------------------------------------
+
+
+def test_presign_failure_is_a_store_error(
+    storage: S3Storage, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(*args: Any, **kwargs: Any) -> str:
+        raise NoCredentialsError()
+
+    monkeypatch.setattr(client, "generate_presigned_url", fail)
+    with pytest.raises(StoreError, match="presigning"):
+        storage.presign(KEY, meta())
+
+
+def test_presign_is_sigv4_with_expiry_and_content_type(client: Any) -> None:
+    storage = S3Storage(client, BUCKET, PREFIX, presign_expiry=123)
+    url = storage.presign(KEY, meta())
+    assert url is not None
+    assert "X-Amz-Expires=123" in url and "X-Amz-Signature=" in url
+    assert f"/{PREFIX}/blobs/sha256/" in url
+    assert "response-content-type=application%2Fx-test" in url
+
+
+def test_no_redirect_means_no_url(client: Any) -> None:
+    assert S3Storage(client, BUCKET, PREFIX, redirect=False).presign(KEY, meta()) is None
