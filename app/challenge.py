@@ -1,0 +1,75 @@
+"""What each upstream asks for: its /v2/ answer, learned once and kept briefly; and ours."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+from app.errors import UpstreamUnavailable
+from app.upstream import ClientHeaders, Upstream, parse_bearer_challenge
+
+SERVICE = "oci-pull-through"
+BEARER, BASIC, NONE = "bearer", "basic", "none"
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """An upstream's auth scheme; realm and service for Bearer."""
+
+    scheme: str
+    realm: str = ""
+    service: str = ""
+
+
+def parse_challenge(status: int, header: str | None) -> Challenge | None:
+    """Challenge of a /v2/ answer: 200 means no auth; None when the answer is unusable."""
+    if status == 200:
+        return Challenge(NONE)
+    if status != 401:
+        return None
+    bearer = parse_bearer_challenge(header)
+    if bearer is not None:
+        return Challenge(BEARER, bearer["realm"], bearer.get("service", ""))
+    if header and header.strip().lower().startswith("basic"):
+        return Challenge(BASIC)
+    return None
+
+
+@dataclass
+class ChallengeCache:
+    """Upstream challenges per registry for ttl seconds (no credentials are ever kept here)."""
+
+    upstream: Upstream
+    ttl: float = 60.0
+    _known: dict[str, tuple[Challenge, float]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def get(self, registry: str) -> Challenge:
+        """The registry's challenge; raises UpstreamUnavailable or Denied."""
+        with self._lock:
+            known = self._known.get(registry)
+        if known is not None and known[1] > time.monotonic():
+            return known[0]
+        response = self.upstream.send("GET", registry, "/v2/", ClientHeaders(), token_dance=False)
+        with response:
+            challenge = parse_challenge(
+                response.status_code, response.headers.get("WWW-Authenticate")
+            )
+        if challenge is None:
+            raise UpstreamUnavailable(registry, f"/v2/ answered {response.status_code}")
+        with self._lock:
+            self._known[registry] = (challenge, time.monotonic() + self.ttl)
+        return challenge
+
+
+def _quote(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def proxy_challenge(realm: str, scope: str | None = None) -> str:
+    """The WWW-Authenticate the proxy sends: its own token endpoint, the client-side scope."""
+    header = f'Bearer realm="{_quote(realm)}",service="{SERVICE}"'
+    if scope:
+        header += f',scope="{_quote(scope)}"'
+    return header

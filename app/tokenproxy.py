@@ -1,0 +1,191 @@
+"""The token proxy of §12: issue proxy tokens carrying upstream access, and use them.
+
+No Flask here. For each upstream named by a token request's scopes, the issuer learns
+the upstream's challenge and obtains access for the upstream-side names: a token from a
+Bearer upstream's realm, checked Basic credentials, or nothing for an open registry. The
+grants for every registry go into one sealed proxy token (app.tokens); on a registry
+request, only the grant for that request's registry is sent, and only to that registry.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import logging
+from dataclasses import dataclass, replace
+
+import requests
+
+from app.challenge import BASIC, BEARER, ChallengeCache
+from app.config import TRANSPARENT, Config
+from app.errors import Denied, RegistryError, UpstreamUnavailable
+from app.netguard import BlockedAddress
+from app.scopes import RepositoryScope, by_registry
+from app.tokens import BASIC as GRANT_BASIC
+from app.tokens import BEARER as GRANT_BEARER
+from app.tokens import NONE as GRANT_NONE
+from app.tokens import Grant, Sealer, is_proxy_token
+from app.upstream import ClientHeaders, Upstream
+
+log = logging.getLogger("oci_pull_through.tokens")
+MIN_TTL = 10
+
+
+class Unauthorized(RegistryError):
+    """The upstream rejected the client's credentials."""
+
+    status, code = 401, "UNAUTHORIZED"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Username and password a client sent to the token endpoint."""
+
+    username: str
+    password: str
+
+    def basic(self) -> str:
+        """The Basic Authorization value (without the scheme)."""
+        return base64.b64encode(f"{self.username}:{self.password}".encode()).decode("ascii")
+
+
+def parse_basic(authorization: str | None) -> Credentials | None:
+    """Credentials of a Basic Authorization header; None for anything else."""
+    if not authorization:
+        return None
+    scheme, _, value = authorization.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    username, sep, password = decoded.partition(":")
+    return Credentials(username, password) if sep else None
+
+
+@dataclass(frozen=True)
+class Issued:
+    """The token endpoint's answer."""
+
+    token: str
+    expires_in: int
+    issued_at: int
+
+    def body(self) -> dict[str, object]:
+        """The Docker token / OAuth2 JSON body."""
+        issued = dt.datetime.fromtimestamp(self.issued_at, dt.UTC)
+        return {
+            "token": self.token,
+            "access_token": self.token,
+            "expires_in": self.expires_in,
+            "issued_at": issued.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+
+
+class TokenProxy:
+    """Issues sealed proxy tokens and turns them back into upstream credentials."""
+
+    def __init__(self, config: Config, upstream: Upstream, sealer: Sealer) -> None:
+        self.config = config
+        self.upstream = upstream
+        self.sealer = sealer
+        self.challenges = ChallengeCache(upstream)
+
+    def issue(self, scopes: list[RepositoryScope], creds: Credentials | None) -> Issued:
+        """One proxy token with a grant for each upstream the scopes name."""
+        grants: dict[str, Grant] = {}
+        ttl = self.config.token_ttl
+        for registry, group in by_registry(scopes).items():
+            grant, lifetime = self._grant(registry, group, creds)
+            grants[registry] = grant
+            if lifetime is not None:
+                ttl = min(ttl, lifetime)
+        token = self.sealer.seal(grants, max(ttl, MIN_TTL))
+        return Issued(
+            self.sealer.encode(token), token.expires_at - token.issued_at, token.issued_at
+        )
+
+    def credentials_for(self, client: ClientHeaders, registry: str) -> ClientHeaders:
+        """The client's headers with a proxy token replaced by its grant for this registry.
+
+        An expired, altered or foreign proxy token counts as anonymous; any other
+        Authorization is left as the client sent it (§4).
+        """
+        if not is_proxy_token(client.authorization):
+            return client
+        token = self.sealer.open_header(client.authorization)
+        grant = token.grant_for(registry) if token is not None else Grant(GRANT_NONE)
+        return replace(client, authorization=grant.authorization())
+
+    # -- per upstream --------------------------------------------------------------------
+
+    def _grant(
+        self, registry: str, scopes: list[RepositoryScope], creds: Credentials | None
+    ) -> tuple[Grant, int | None]:
+        self.upstream.check_allowed(registry)
+        try:
+            challenge = self.challenges.get(registry)
+            if challenge.scheme == BEARER:
+                return self._bearer(registry, challenge.realm, challenge.service, scopes, creds)
+            if challenge.scheme == BASIC and creds is not None:
+                self._check_basic(registry, creds)
+                return Grant(GRANT_BASIC, creds.basic()), None
+        except UpstreamUnavailable as exc:
+            if self.config.proxy_mode != TRANSPARENT:
+                raise
+            log.warning("%s; issuing an anonymous proxy token", exc.message)
+        return Grant(GRANT_NONE), None
+
+    def _bearer(
+        self,
+        registry: str,
+        realm: str,
+        service: str,
+        scopes: list[RepositoryScope],
+        creds: Credentials | None,
+    ) -> tuple[Grant, int | None]:
+        params = [("service", service)] if service else []
+        params += [("scope", scope.upstream_scope) for scope in scopes]
+        headers = {"Authorization": f"Basic {creds.basic()}"} if creds else {}
+        try:
+            reply = self.upstream.session.get(
+                realm,
+                params=params,
+                headers=headers,
+                timeout=self.upstream.timeout,
+                allow_redirects=False,
+            )
+        except BlockedAddress as exc:
+            raise Denied(f"token realm of {registry} refused: {exc}") from None
+        except requests.RequestException:
+            raise UpstreamUnavailable(registry, "token realm unreachable") from None
+        with reply:
+            if reply.status_code in (401, 403):
+                if creds is not None:
+                    raise Unauthorized(f"{registry} rejected the credentials")
+                return Grant(GRANT_NONE), None
+            if reply.status_code != 200:
+                raise UpstreamUnavailable(registry, f"token realm answered {reply.status_code}")
+            try:
+                body = reply.json()
+            except ValueError:
+                raise UpstreamUnavailable(registry, "token realm sent no JSON") from None
+        value = body.get("token") or body.get("access_token") if isinstance(body, dict) else None
+        if not isinstance(value, str) or not value:
+            raise UpstreamUnavailable(registry, "token realm sent no token")
+        try:
+            lifetime = int(float(body.get("expires_in") or 60))
+        except (TypeError, ValueError):
+            lifetime = 60
+        return Grant(GRANT_BEARER, value), lifetime
+
+    def _check_basic(self, registry: str, creds: Credentials) -> None:
+        """One upstream request with the credentials; a rejection is the client's 401."""
+        client = ClientHeaders(authorization=f"Basic {creds.basic()}")
+        response = self.upstream.send("GET", registry, "/v2/", client, token_dance=False)
+        response.close()
+        if response.status_code in (401, 403):
+            raise Unauthorized(f"{registry} rejected the credentials")
+        if response.status_code != 200:
+            raise UpstreamUnavailable(registry, f"/v2/ answered {response.status_code}")
