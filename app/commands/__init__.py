@@ -1,0 +1,1 @@
+"""Subcommands of the oci-pull-through console script beyond healthcheck (SPEC §13)."""

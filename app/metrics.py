@@ -1,0 +1,136 @@
+"""Prometheus metrics (SPEC §13): one place that names them, one function per event.
+
+Under gunicorn, gunicorn.conf.py sets PROMETHEUS_MULTIPROC_DIR before the workers fork,
+so prometheus-client keeps every worker's figures in that directory and /metrics sums
+them. Without it (flask run, unit tests) the figures are this process's own.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+# Our own registry, not prometheus-client's global one: no process or platform collectors
+# (meaningless summed across workers) and no clash when tests build several apps.
+REGISTRY = CollectorRegistry(auto_describe=True)
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+REQUESTS = Counter(
+    "oci_requests",
+    "Registry requests answered, by kind, method, status and cache outcome.",
+    ["kind", "method", "status", "cache"],
+    registry=REGISTRY,
+)
+SERVED_BYTES = Counter(
+    "oci_served_bytes",
+    "Body bytes delivered to clients, by source: cache, redirect (presigned S3) or upstream.",
+    ["source"],
+    registry=REGISTRY,
+)
+UPSTREAM_REQUESTS = Counter(
+    "oci_upstream_requests",
+    "Requests sent upstream, by registry and status (error: no answer).",
+    ["registry", "status"],
+    registry=REGISTRY,
+)
+UPSTREAM_LATENCY = Histogram(
+    "oci_upstream_request_duration_seconds",
+    "Time until upstream's response headers arrived, by registry and status.",
+    ["registry", "status"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+IN_FLIGHT = Gauge(
+    "oci_transfers_in_flight",
+    "Upstream blob downloads in progress (one per object per instance).",
+    multiprocess_mode="livesum",
+    registry=REGISTRY,
+)
+COALESCED = Counter(
+    "oci_coalesced_followers",
+    "Blob requests that followed another request's download instead of fetching again.",
+    registry=REGISTRY,
+)
+COMMITS = Counter(
+    "oci_cache_commits", "Objects committed to the cache, by kind.", ["kind"], registry=REGISTRY
+)
+ABORTS = Counter(
+    "oci_cache_aborts",
+    "Cache fills abandoned, by kind and reason (digest mismatch, truncated, store error, "
+    "store too slow, client gone).",
+    ["kind", "reason"],
+    registry=REGISTRY,
+)
+REVALIDATIONS = Counter(
+    "oci_tag_revalidations",
+    "Stale tag manifests revalidated upstream, by result (unchanged, changed, stale served, "
+    "forwarded).",
+    ["result"],
+    registry=REGISTRY,
+)
+FS_CACHE_BYTES = Gauge(
+    "oci_fs_cache_bytes",
+    "Bytes of committed objects in the filesystem cache, at the last scan.",
+    multiprocess_mode="mostrecent",
+    registry=REGISTRY,
+)
+FS_CACHE_LIMIT = Gauge(
+    "oci_fs_cache_limit_bytes",
+    "FS_MAX_BYTES (0 when unbounded).",
+    multiprocess_mode="mostrecent",
+    registry=REGISTRY,
+)
+EVICTED = Counter(
+    "oci_cache_evicted_objects",
+    "Objects evicted from the filesystem cache to stay under FS_MAX_BYTES.",
+    registry=REGISTRY,
+)
+EVICTED_BYTES = Counter(
+    "oci_cache_evicted_bytes", "Bytes evicted from the filesystem cache.", registry=REGISTRY
+)
+
+_SOURCES = {"hit": "cache", "redirect": "redirect", "miss": "upstream", "bypass": "upstream"}
+_COMMITTED = "committed"
+
+
+def request_finished(kind: str, method: str, status: int, outcome: str, sent: int) -> None:
+    """Count one answered registry request and the body bytes the proxy itself delivered."""
+    REQUESTS.labels(kind, method, str(status), outcome).inc()
+    source = _SOURCES.get(outcome)
+    if source is not None and source != "redirect" and sent:
+        SERVED_BYTES.labels(source).inc(sent)
+
+
+def redirected(size: int) -> None:
+    """A hit answered with a presigned URL: the store delivers size bytes instead of us."""
+    SERVED_BYTES.labels("redirect").inc(size)
+
+
+def upstream_answered(registry: str, status: int | str, seconds: float) -> None:
+    """Count one upstream request and how long its headers took."""
+    UPSTREAM_REQUESTS.labels(registry, str(status)).inc()
+    UPSTREAM_LATENCY.labels(registry, str(status)).observe(seconds)
+
+
+def fill_finished(kind: str, outcome: str) -> None:
+    """Count a cache fill: committed, or aborted with the tee's reason."""
+    if outcome == _COMMITTED:
+        COMMITS.labels(kind).inc()
+    else:
+        ABORTS.labels(kind, outcome).inc()
+
+
+def render(multiproc_dir: str | None) -> tuple[bytes, str]:
+    """The exposition text and its content type: every worker's figures when multiprocess."""
+    registry = REGISTRY
+    if multiproc_dir:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=multiproc_dir)
+    return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,148 @@
+"""LRU eviction of the filesystem cache (app/eviction.py, app/evictor.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+from app.eviction import ORPHAN_AGE, Entry, in_use, remove, scan, select, sweep
+from app.evictor import AccessTracker, Evictor
+from app.storage import ObjectMeta, keys, put
+from app.storage.fs import FilesystemStorage
+
+
+def _entries(*spec: tuple[str, int, float]) -> list[Entry]:
+    return [Entry(key, size, used) for key, size, used in spec]
+
+
+def test_nothing_is_chosen_within_the_bound() -> None:
+    assert select(_entries(("a", 50, 1), ("b", 50, 2)), max_bytes=100) == []
+
+
+def test_least_recently_used_go_first_down_to_ninety_percent() -> None:
+    entries = _entries(("new", 30, 9), ("old", 30, 1), ("mid", 30, 5), ("hot", 30, 10))
+    chosen = select(entries, max_bytes=100)  # 120 > 100; goal 90
+    assert [e.key for e in chosen] == ["old"]
+    chosen = select(entries, max_bytes=70)  # goal 63: drop 60 bytes
+    assert [e.key for e in chosen] == ["old", "mid"]
+
+
+def test_busy_objects_are_passed_over_for_the_next_oldest() -> None:
+    entries = _entries(("old", 30, 1), ("mid", 30, 5), ("new", 30, 9))
+    chosen = select(entries, max_bytes=80, busy=lambda e: e.key == "old")
+    assert [e.key for e in chosen] == ["mid"]
+
+
+def test_ties_are_broken_by_key_so_runs_are_repeatable() -> None:
+    entries = _entries(("b", 10, 1), ("a", 10, 1), ("c", 10, 1))
+    assert [e.key for e in select(entries, max_bytes=25)] == ["a"]
+
+
+def _commit(storage: FilesystemStorage, data: bytes, when: float) -> str:
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    key = keys.blob(digest)
+    put(storage, key, [data], ObjectMeta(digest, len(data), "application/octet-stream"))
+    os.utime(storage.path(key), (when, when))
+    return key
+
+
+def test_scan_sees_committed_objects_only(tmp_path: Path) -> None:
+    storage = FilesystemStorage(str(tmp_path / "cache"))
+    key = _commit(storage, b"x" * 100, time.time())
+    blob_dir = Path(storage.path(key)).parent
+    (blob_dir / ".tmp-writing").write_bytes(b"y" * 1000)  # a fill in progress
+    (blob_dir / ("f" * 64)).write_bytes(b"no sidecar yet")  # between the two renames
+    spool = tmp_path / "cache" / "blobs" / "spool"
+    spool.mkdir()
+    (spool / "big").write_bytes(b"z" * 1000)
+    (spool / "big.meta.json").write_bytes(b"{}")
+    entries, orphans = scan(str(tmp_path / "cache"), skip=str(spool))
+    assert [e.key for e in entries] == [key]
+    assert entries[0].size == 100 + os.path.getsize(storage.path(keys.sidecar(key)))
+    assert orphans == [], "a fresh sidecar-less file may be a commit in progress"
+
+
+def test_old_orphans_are_removed_by_a_sweep(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    FilesystemStorage(str(root))
+    orphan = root / "blobs" / "sha256" / ("e" * 64)
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(b"left by a crash")
+    old = time.time() - ORPHAN_AGE - 10
+    os.utime(orphan, (old, old))
+    result = sweep(str(root), None)
+    assert result.orphans == 1 and not orphan.exists()
+
+
+def test_sweep_evicts_lru_and_removes_sidecar_and_data(tmp_path: Path) -> None:
+    storage = FilesystemStorage(str(tmp_path / "cache"))
+    now = time.time()
+    old = _commit(storage, b"a" * 1000, now - 300)
+    mid = _commit(storage, b"b" * 1000, now - 200)
+    new = _commit(storage, b"c" * 1000, now - 100)
+    dry = sweep(storage.root, 3000, dry_run=True)
+    assert [e.key for e in dry.evicted] == [old] and os.path.exists(storage.path(old))
+    result = sweep(storage.root, 3000)
+    assert [e.key for e in result.evicted] == [old]
+    assert not os.path.exists(storage.path(old))
+    assert not os.path.exists(storage.path(keys.sidecar(old)))
+    assert all(os.path.exists(storage.path(k)) for k in (mid, new))
+    assert result.remaining <= 3000 * 0.9
+
+
+def test_an_object_being_read_is_never_evicted(tmp_path: Path) -> None:
+    storage = FilesystemStorage(str(tmp_path / "cache"))
+    now = time.time()
+    served = _commit(storage, b"s" * 1000, now - 300)
+    other = _commit(storage, b"o" * 1000, now - 200)
+    entry = next(e for e in scan(storage.root)[0] if e.key == served)
+    with storage.open(served) as fh:  # what a hit does (held until the response ends)
+        assert in_use(storage.root, entry)
+        assert remove(storage.root, entry) is False
+        result = sweep(storage.root, 1500)
+        assert result.busy == 1 and [e.key for e in result.evicted] == [other]
+        assert fh.read() == b"s" * 1000
+    assert not in_use(storage.root, entry)
+    assert [e.key for e in sweep(storage.root, 100).evicted] == [served]
+
+
+def test_an_open_file_still_reads_in_full_after_unlink(tmp_path: Path) -> None:
+    """Why a reader that opened just before eviction still gets every byte (Linux semantics)."""
+    storage = FilesystemStorage(str(tmp_path / "cache"))
+    data = os.urandom(3 * 1024 * 1024)
+    key = _commit(storage, data, time.time())
+    fh = storage.open(key)
+    first = fh.read(1024)
+    os.unlink(storage.path(keys.sidecar(key)))
+    os.unlink(storage.path(key))
+    assert not os.path.exists(storage.path(key))
+    assert first + fh.read() == data
+    fh.close()
+
+
+def test_hits_are_tracked_in_memory_and_flushed_as_atimes(tmp_path: Path) -> None:
+    storage = FilesystemStorage(str(tmp_path / "cache"))
+    evictor = Evictor(storage, str(tmp_path / "state"), max_bytes=None)
+    key = _commit(storage, b"h" * 100, time.time() - 500)
+    path = storage.path(key)
+    before = os.stat(path)
+    for _ in range(50):
+        storage.open(key).close()
+    assert os.stat(path).st_atime == before.st_atime, "no write per hit"
+    assert evictor.tracker.flush() == 1
+    after = os.stat(path)
+    assert after.st_atime > before.st_atime + 400
+    assert after.st_mtime == before.st_mtime
+    assert AccessTracker().flush() == 0
+
+
+def test_evictor_run_records_the_total_and_evicts(tmp_path: Path) -> None:
+    storage = FilesystemStorage(str(tmp_path / "cache"))
+    evictor = Evictor(storage, str(tmp_path / "state"), max_bytes=3000)
+    now = time.time()
+    keys_ = [_commit(storage, bytes([65 + i]) * 1000, now - 300 + i) for i in range(3)]
+    result = evictor.run()
+    assert result is not None and [e.key for e in result.evicted] == [keys_[0]]
+    assert evictor._state()["total"] == result.remaining

@@ -1,0 +1,186 @@
+"""Tag freshness (SPEC §13): the Cache-Control countdown and revalidation of stale tags."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import requests
+import responses
+from flask import Flask
+
+from app import create_app, freshness, metrics
+from app.config import AUTHENTICATED, TRANSPARENT, Config
+from app.oci import MANIFEST, Target
+from app.storage import ObjectMeta, keys, put
+
+REG, NAME = "registry.test", "org/app"
+UP = f"https://{REG}/v2/{NAME}/manifests"
+OCI = "application/vnd.oci.image.manifest.v1+json"
+
+
+def _manifest(label: str) -> tuple[bytes, str]:
+    body = json.dumps({"schemaVersion": 2, "mediaType": OCI, "annotations": {"l": label}}).encode()
+    return body, "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+OLD, OLD_DIGEST = _manifest("old")
+NEW, NEW_DIGEST = _manifest("new")
+
+
+def _target(reference: str) -> Target:
+    return Target(registry=REG, name=NAME, kind=MANIFEST, reference=reference, client_name=NAME)
+
+
+def _meta(stored_at: float) -> ObjectMeta:
+    return ObjectMeta(OLD_DIGEST, len(OLD), OCI, stored_at=stored_at)
+
+
+CONFIG = Config(proxy_mode=TRANSPARENT, tag_ttl=600, latest_ttl=60)
+
+
+def test_tags_count_down_from_when_they_were_stored() -> None:
+    assert freshness.cache_control(_target("v1"), _meta(1000), CONFIG, now=1000) == (
+        "public, max-age=600"
+    )
+    assert freshness.cache_control(_target("v1"), _meta(1000), CONFIG, now=1250.5) == (
+        "public, max-age=350"
+    )
+    assert freshness.cache_control(_target("latest"), _meta(1000), CONFIG, now=1010) == (
+        "public, max-age=50"
+    )
+    assert freshness.cache_control(_target("v1"), _meta(1000), CONFIG, now=9999) == (
+        "public, max-age=0"
+    )
+
+
+def test_digests_stay_immutable() -> None:
+    digest = _target(OLD_DIGEST)
+    assert freshness.cache_control(digest, _meta(0), CONFIG, now=1e10) == (
+        "public, max-age=31536000, immutable"
+    )
+    assert not freshness.is_stale(digest, _meta(0), CONFIG, now=1e10)
+
+
+def test_stale_exactly_at_the_ttl() -> None:
+    assert not freshness.is_stale(_target("v1"), _meta(1000), CONFIG, now=1599.9)
+    assert freshness.is_stale(_target("v1"), _meta(1000), CONFIG, now=1600)
+    assert freshness.is_stale(_target("latest"), _meta(1000), CONFIG, now=1060)
+
+
+def test_default_ttls_are_the_section_6_values() -> None:
+    config = Config(proxy_mode=TRANSPARENT)
+    assert freshness.cache_control(_target("v1"), _meta(5), config, now=5) == (
+        "public, max-age=2419200"
+    )
+    assert freshness.cache_control(_target("latest"), _meta(5), config, now=5) == (
+        "public, max-age=3600"
+    )
+
+
+# -- revalidation in the app, upstream mocked -------------------------------------------------
+
+
+@pytest.fixture
+def mock() -> Iterator[responses.RequestsMock]:
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        yield rsps
+
+
+def _headers(digest: str, body: bytes) -> dict[str, str]:
+    return {"Content-Type": OCI, "Content-Length": str(len(body)), "Docker-Content-Digest": digest}
+
+
+def _app(tmp_path: Path, mode: str = TRANSPARENT) -> Flask:
+    config = Config(
+        proxy_mode=mode, storage_backend="fs", fs_root=str(tmp_path / "c"), upstream_registry=REG
+    )
+    return create_app(config)
+
+
+def _age(app: Flask, seconds: float) -> None:
+    """Make the cached v1 look as if it was stored seconds earlier."""
+    storage = app.extensions["oci_proxy"].storage
+    key = keys.manifest(REG, NAME, "v1")
+    meta = storage.stat(key)
+    with storage.open(key) as fh:
+        data = fh.read()
+    put(storage, key, [data], replace(meta, stored_at=meta.stored_at - seconds))
+
+
+def _get(app: Flask) -> tuple[int, str, str]:
+    response = app.test_client().get(f"/v2/{NAME}/manifests/v1", headers={"Accept": OCI})
+    try:
+        return (
+            response.status_code,
+            response.headers.get("Docker-Content-Digest", ""),
+            response.headers.get("Cache-Control", ""),
+        )
+    finally:
+        response.close()
+
+
+def _count(result: str) -> float:
+    return metrics.REVALIDATIONS.labels(result)._value.get()
+
+
+def _prime(app: Flask, mock: responses.RequestsMock) -> None:
+    mock.get(f"{UP}/v1", body=OLD, headers=_headers(OLD_DIGEST, OLD))
+    assert _get(app)[1] == OLD_DIGEST
+    _age(app, 28 * 86400 + 5)
+
+
+def test_stale_unchanged_tag_is_refreshed_and_served_from_cache(
+    tmp_path: Path, mock: responses.RequestsMock
+) -> None:
+    app = _app(tmp_path)
+    _prime(app, mock)
+    mock.head(f"{UP}/v1", headers=_headers(OLD_DIGEST, OLD))
+    before = _count(freshness.UNCHANGED)
+    status, digest, cache_control = _get(app)
+    assert (status, digest) == (200, OLD_DIGEST)
+    assert cache_control == "public, max-age=2419200", "stored_at was refreshed"
+    assert [c.request.method for c in mock.calls] == ["GET", "HEAD"]
+    assert _count(freshness.UNCHANGED) == before + 1
+    _get(app)
+    assert len(mock.calls) == 2, "fresh again: no more upstream requests"
+
+
+def test_stale_moved_tag_is_fetched_and_replaced(
+    tmp_path: Path, mock: responses.RequestsMock
+) -> None:
+    app = _app(tmp_path)
+    _prime(app, mock)
+    mock.head(f"{UP}/v1", headers=_headers(NEW_DIGEST, NEW))
+    mock.replace(responses.GET, f"{UP}/v1", body=NEW, headers=_headers(NEW_DIGEST, NEW))
+    assert _get(app)[1] == NEW_DIGEST
+    assert [c.request.method for c in mock.calls] == ["GET", "HEAD", "GET"]
+    status, digest, _ = _get(app)
+    assert (status, digest, len(mock.calls)) == (200, NEW_DIGEST, 3), "the new one is cached"
+
+
+def test_stale_tag_is_served_when_upstream_is_unreachable(
+    tmp_path: Path, mock: responses.RequestsMock
+) -> None:
+    app = _app(tmp_path)
+    _prime(app, mock)
+    mock.head(f"{UP}/v1", body=requests.ConnectionError("connection refused"))
+    before = _count(freshness.STALE_SERVED)
+    status, digest, cache_control = _get(app)
+    assert (status, digest, cache_control) == (200, OLD_DIGEST, "public, max-age=0")
+    assert _count(freshness.STALE_SERVED) == before + 1
+
+
+def test_authenticated_mode_refreshes_an_unchanged_stale_tag_on_its_check(
+    tmp_path: Path, mock: responses.RequestsMock
+) -> None:
+    app = _app(tmp_path, AUTHENTICATED)
+    _prime(app, mock)
+    mock.head(f"{UP}/v1", headers=_headers(OLD_DIGEST, OLD))
+    assert _get(app)[2] == "public, max-age=2419200"
+    mock.replace(responses.HEAD, f"{UP}/v1", body=requests.ConnectionError("down"))
+    assert _get(app)[0] == 502, "authenticated mode never serves without upstream (§5)"
