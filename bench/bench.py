@@ -1,0 +1,549 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark of oci-pull-through (X) against U, P and N, all on loopback.
+
+U: the upstream docker-registry, directly.   P: the same binary as a pull-through cache.
+N: nginx serving X's cached blob file with sendfile (the practical limit for a hit).
+Every figure is a median of alternating repetitions, reported as a ratio. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "e2e"))
+
+from harness import Registry, build_image  # noqa: E402
+from harness.ports import free_port  # noqa: E402
+from harness.proxyproc import ProxyServer  # noqa: E402
+
+MiB = 1024 * 1024
+ACCEPT = (
+    "application/vnd.oci.image.manifest.v1+json,"
+    "application/vnd.docker.distribution.manifest.v2+json"
+)
+
+
+@dataclass
+class Sizes:
+    big: int
+    mid: int
+    reps: int
+    wrk_seconds: int
+    huge: int  # for the RSS check; 0 skips it
+
+
+QUICK = Sizes(big=64 * MiB, mid=16 * MiB, reps=3, wrk_seconds=4, huge=0)
+FULL = Sizes(big=256 * MiB, mid=64 * MiB, reps=5, wrk_seconds=20, huge=1024 * MiB)
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def curl(url: str, expect_size: int, headers: tuple[str, ...] = ()) -> float:
+    """One GET with curl (redirects followed); returns seconds, checking status and size."""
+    args = [
+        "curl",
+        "-s",
+        "-L",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{size_download} %{time_total}",
+    ]
+    for header in headers:
+        args += ["-H", header]
+    out = subprocess.run([*args, url], capture_output=True, text=True, timeout=600).stdout.split()
+    status, size, seconds = int(out[0]), int(out[1]), float(out[2])
+    if status != 200 or size != expect_size:
+        raise RuntimeError(f"GET {url}: status {status}, {size} bytes (wanted {expect_size})")
+    return seconds
+
+
+def parallel(url: str, count: int, expect_size: int) -> float:
+    """count concurrent curls; returns the wall time until the last finished."""
+    start = time.perf_counter()
+    errors: list[Exception] = []
+
+    def one() -> None:
+        try:
+            curl(url, expect_size)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return time.perf_counter() - start
+
+
+class RssSampler:
+    """Peak of the summed resident memory of a process tree, sampled every 20 ms."""
+
+    def __init__(self, root_pid: int) -> None:
+        self.root = root_pid
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def current(self) -> int:
+        """Resident bytes of the root process and its children, now."""
+        pids = [self.root]
+        children = subprocess.run(["pgrep", "-P", str(self.root)], capture_output=True, text=True)
+        pids += [int(p) for p in children.stdout.split()]
+        total = 0
+        for pid in pids:
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            match = re.search(r"VmRSS:\s+(\d+) kB", status)
+            total += int(match.group(1)) * 1024 if match else 0
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.current())
+            time.sleep(0.02)
+
+    def __enter__(self) -> RssSampler:
+        self.peak = self.current()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class Nginx:
+    """Debian's nginx serving a directory with sendfile, as the ceiling for a cached hit."""
+
+    def __init__(self, work: Path, root: Path) -> None:
+        self.port = free_port()
+        work.mkdir(parents=True, exist_ok=True)
+        conf = work / "nginx.conf"
+        conf.write_text(f"""
+user root;
+worker_processes auto;
+daemon off;
+pid {work}/nginx.pid;
+error_log {work}/error.log;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  sendfile on;
+  tcp_nopush on;
+  client_body_temp_path {work}/body;
+  proxy_temp_path {work}/proxy;
+  fastcgi_temp_path {work}/fastcgi;
+  uwsgi_temp_path {work}/uwsgi;
+  scgi_temp_path {work}/scgi;
+  server {{
+    listen 127.0.0.1:{self.port};
+    root {root};
+    location / {{ default_type application/octet-stream; }}
+  }}
+}}
+""")
+        self.proc = subprocess.Popen(
+            ["nginx", "-c", str(conf), "-p", str(work)], stderr=subprocess.DEVNULL
+        )
+        time.sleep(0.5)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGQUIT)
+        self.proc.wait(timeout=10)
+
+
+def wrk(url: str, seconds: int, accept: str) -> tuple[float, float]:
+    """Requests per second and p99 latency (ms) at concurrency 32."""
+    out = subprocess.run(
+        ["wrk", "-t2", "-c32", f"-d{seconds}s", "--latency", "-H", f"Accept: {accept}", url],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    assert p99, out
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if non2xx:
+        raise RuntimeError(f"wrk {url}: {non2xx.group(1)} failed responses\n{out}")
+    return rps, float(p99.group(1)) * scale
+
+
+def median_of(reps: int, *runs: Callable[[], float]) -> list[float]:
+    """Alternate the runs rep by rep (A B C A B C ...) and return each one's median."""
+    samples: list[list[float]] = [[] for _ in runs]
+    for _ in range(reps):
+        for i, run in enumerate(runs):
+            samples[i].append(run())
+    return [statistics.median(s) for s in samples]
+
+
+class Bench:
+    """Owns every server of one benchmark run."""
+
+    def __init__(self, sizes: Sizes, work: Path) -> None:
+        self.s = sizes
+        self.work = work
+        self.rows: list[tuple[str, str, str, str, str]] = []
+
+    def row(self, figure: str, ours: str, reference: str, ratio: str, target: str) -> None:
+        self.rows.append((figure, ours, reference, ratio, target))
+
+    def setup(self) -> None:
+        s = self.s
+        log("starting U and pushing test images")
+        self.u = Registry(self.work / "u").start()
+        layouts = self.work / "layouts"
+        big = build_image(
+            layouts / "big",
+            "v1",
+            platforms=("linux/amd64",),
+            layer_sizes=(s.big,),
+            compression="none",
+        )
+        mid = build_image(
+            layouts / "mid",
+            "v1",
+            platforms=("linux/amd64",),
+            layer_sizes=(s.mid,),
+            compression="none",
+        )
+        three = build_image(
+            layouts / "three",
+            "v1",
+            platforms=("linux/amd64",),
+            layer_sizes=(s.mid // 2, s.mid // 4, s.mid // 8),
+            compression="none",
+        )
+        self.images = {"big": big, "mid": mid, "three": three}
+        for name, image in self.images.items():
+            image.push(f"docker://{self.u.host}/bench/{name}:v1")
+        if s.huge:
+            huge = build_image(
+                layouts / "huge",
+                "v1",
+                platforms=("linux/amd64",),
+                layer_sizes=(s.huge,),
+                compression="none",
+            )
+            huge.push(f"docker://{self.u.host}/bench/huge:v1")
+            self.images["huge"] = huge
+        self.p = Registry(self.work / "p", extra_config={"proxy": {"remoteurl": self.u.url}})
+        self.p.start()
+        self.x = ProxyServer(
+            self.work / "x",
+            {
+                "UPSTREAM_REGISTRY": self.u.host,
+                "INSECURE_REGISTRIES": self.u.host,
+                "LOG_LEVEL": "info",
+                "SPOOL_DIR": str(self.work / "x-spool"),
+            },
+        )
+        self.x.start()
+        self.n = Nginx(self.work / "n", self.x.fs_root)
+
+    def teardown(self) -> None:
+        for stop in (self.n.stop, self.x.stop, self.p.stop, self.u.stop):
+            try:
+                stop()
+            except Exception as exc:  # noqa: BLE001
+                log(f"teardown: {exc}")
+
+    def layer(self, name: str) -> tuple[str, int]:
+        blob = self.images[name].platform("linux/amd64").layers[0]
+        return blob.digest, blob.size
+
+    def url(self, server: str, name: str, digest: str) -> str:
+        base = {"x": self.x.url, "p": self.p.url, "u": self.u.url}[server]
+        return f"{base}/v2/bench/{name}/blobs/{digest}"
+
+    def clear_x(self) -> None:
+        shutil.rmtree(self.x.fs_root / "blobs", ignore_errors=True)
+        shutil.rmtree(self.x.fs_root / "manifests", ignore_errors=True)
+
+    def clear_p(self) -> None:
+        self.p.stop()
+        shutil.rmtree(self.p.storage_dir, ignore_errors=True)
+        self.p.start()
+
+    def warm_blobs(self) -> None:
+        s = self.s
+        for name in ("big", "mid"):
+            digest, size = self.layer(name)
+            for server in ("x", "p"):
+                curl(self.url(server, name, digest), size)
+            if self.x.wait_cached([digest], timeout=30):
+                raise RuntimeError(f"X did not cache {digest}:\n{self.x.log()[-3000:]}")
+        digest, size = self.layer("big")
+        nginx = f"http://127.0.0.1:{self.n.port}/blobs/sha256/{digest.split(':')[1]}"
+        x, n, p, u = median_of(
+            s.reps,
+            lambda: curl(self.url("x", "big", digest), size),
+            lambda: curl(nginx, size),
+            lambda: curl(self.url("p", "big", digest), size),
+            lambda: curl(self.url("u", "big", digest), size),
+        )
+        mb = size / MiB
+        self.row(
+            f"warm blob {mb:.0f} MiB, 1 client (MiB/s)",
+            f"{mb / x:.0f}",
+            f"N {mb / n:.0f} | P {mb / p:.0f} | U {mb / u:.0f}",
+            f"{n / x:.2f} x N",
+            ">= 0.9 x N",
+        )
+        digest, size = self.layer("mid")
+        nginx = f"http://127.0.0.1:{self.n.port}/blobs/sha256/{digest.split(':')[1]}"
+        x, n, p = median_of(
+            s.reps,
+            lambda: parallel(self.url("x", "mid", digest), 16, size),
+            lambda: parallel(nginx, 16, size),
+            lambda: parallel(self.url("p", "mid", digest), 16, size),
+        )
+        mb = 16 * size / MiB
+        self.row(
+            f"warm blob {size // MiB} MiB, 16 clients (MiB/s)",
+            f"{mb / x:.0f}",
+            f"N {mb / n:.0f} | P {mb / p:.0f}",
+            f"{n / x:.2f} x N",
+            ">= 0.9 x N",
+        )
+
+    def cold_blobs(self) -> None:
+        s = self.s
+        digest, size = self.layer("big")
+        x_gets: list[int] = []
+
+        def x_cold() -> float:
+            self.clear_x()
+            time.sleep(0.5)  # let earlier runs' access-log lines land before the mark
+            mark = self.u.mark()
+            seconds = curl(self.url("x", "big", digest), size)
+            time.sleep(0.3)
+            x_gets.append(len([e for e in self.u.blob_gets(since=mark) if digest in e.path]))
+            return seconds
+
+        def p_cold() -> float:
+            self.clear_p()
+            return curl(self.url("p", "big", digest), size)
+
+        with RssSampler(self.x.proc.pid) as rss:  # type: ignore[union-attr]
+            base = rss.current()
+            x, u, p = median_of(
+                s.reps, x_cold, lambda: curl(self.url("u", "big", digest), size), p_cold
+            )
+        mb = size / MiB
+        self.row(
+            f"cold blob {mb:.0f} MiB (MiB/s)",
+            f"{mb / x:.0f}",
+            f"U {mb / u:.0f} | P {mb / p:.0f}",
+            f"{u / x:.2f} x U",
+            ">= 0.85 x U",
+        )
+        self.row("  upstream GETs per cold GET", f"{max(x_gets)}", "P 1", "", "1")
+        self.row(
+            f"  RSS growth, cold {mb:.0f} MiB (MiB)",
+            f"{(rss.peak - base) / MiB:.1f}",
+            "",
+            "",
+            "< 64",
+        )
+
+        digest, size = self.layer("mid")
+        counts: dict[str, list[int]] = {"x": [], "p": []}
+
+        def herd(server: str) -> Callable[[], float]:
+            def run() -> float:
+                self.clear_x() if server == "x" else self.clear_p()
+                time.sleep(0.5)
+                mark = self.u.mark()
+                seconds = parallel(self.url(server, "mid", digest), 20, size)
+                time.sleep(0.5)
+                counts[server].append(
+                    len([e for e in self.u.blob_gets(since=mark) if digest in e.path])
+                )
+                return seconds
+
+            return run
+
+        x, p = median_of(s.reps, herd("x"), herd("p"))
+        self.row(
+            f"20 concurrent cold GETs of {size // MiB} MiB (s)",
+            f"{x:.2f}",
+            f"P {p:.2f}",
+            f"{p / x:.2f} x P speed",
+            "",
+        )
+        self.row("  upstream GETs", f"{max(counts['x'])}", f"P {max(counts['p'])}", "", "exactly 1")
+
+    def huge(self) -> None:
+        if not self.s.huge:
+            return
+        digest, size = self.layer("huge")
+        for label, clients in (("cold 1 GiB", 1), ("20 coalesced followers of 1 GiB", 20)):
+            self.clear_x()
+            with RssSampler(self.x.proc.pid) as rss:  # type: ignore[union-attr]
+                base = rss.current()
+                parallel(self.url("x", "huge", digest), clients, size)
+            self.row(
+                f"  RSS growth, {label} (MiB)", f"{(rss.peak - base) / MiB:.1f}", "", "", "< 64"
+            )
+        self.clear_x()
+
+    def manifests(self) -> None:
+        s = self.s
+        image = self.images["three"]
+        digest = image.manifest_digest
+        for server in ("x", "p"):
+            base = {"x": self.x.url, "p": self.p.url}[server]
+            for ref in ("v1", digest):
+                curl(
+                    f"{base}/v2/bench/three/manifests/{ref}",
+                    image.manifest.size,
+                    (f"Accept: {ACCEPT}",),
+                )
+        results = {}
+        for label, ref in (("digest", digest), ("tag", "v1")):
+            x = wrk(f"{self.x.url}/v2/bench/three/manifests/{ref}", s.wrk_seconds, ACCEPT)
+            p = wrk(f"{self.p.url}/v2/bench/three/manifests/{ref}", s.wrk_seconds, ACCEPT)
+            results[label] = (x, p)
+            self.row(
+                f"warm manifest by {label} (req/s)",
+                f"{x[0]:.0f}",
+                f"P {p[0]:.0f}",
+                f"{x[0] / p[0]:.2f} x P",
+                ">= 1.0 x P",
+            )
+            self.row(f"  p99 latency by {label} (ms)", f"{x[1]:.1f}", f"P {p[1]:.1f}", "", "<= P")
+
+    def skopeo(self) -> None:
+        s = self.s
+
+        def pull(host: str) -> float:
+            dest = Path(tempfile.mkdtemp(dir=self.work))
+            start = time.perf_counter()
+            proc = subprocess.run(
+                [
+                    "skopeo",
+                    "--insecure-policy",
+                    "copy",
+                    "--src-tls-verify=false",
+                    "--src-no-creds",
+                    f"docker://{host}/bench/three:v1",
+                    f"dir:{dest}",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            seconds = time.perf_counter() - start
+            shutil.rmtree(dest)
+            if proc.returncode:
+                raise RuntimeError(proc.stderr)
+            return seconds
+
+        def x_cold() -> float:
+            self.clear_x()
+            return pull(self.x.host)
+
+        def p_cold() -> float:
+            self.clear_p()
+            return pull(self.p.host)
+
+        x, p = median_of(s.reps, x_cold, p_cold)
+        self.row(
+            "skopeo pull, 3 layers, cold (s)", f"{x:.2f}", f"P {p:.2f}", f"{p / x:.2f} x P", ""
+        )
+        pull(self.x.host)
+        time.sleep(0.5)
+        x, p = median_of(s.reps, lambda: pull(self.x.host), lambda: pull(self.p.host))
+        self.row(
+            "skopeo pull, 3 layers, warm (s)", f"{x:.2f}", f"P {p:.2f}", f"{p / x:.2f} x P", ""
+        )
+
+    def rss_p(self) -> None:
+        sampler = RssSampler(self.p.pid or 0)
+        self.row(
+            "peak RSS now (MiB)",
+            f"{sampler.current() / MiB:.0f} (X, all workers)",
+            f"P {sampler.current() / MiB:.0f}",
+            "",
+            "",
+        )
+
+    def print_table(self) -> None:
+        headers = ("figure", "X (ours)", "references", "ratio", "target")
+        widths = [max(len(r[i]) for r in [headers, *self.rows]) for i in range(5)]
+        line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
+        print(line)
+        print("-" * len(line))
+        for row in self.rows:
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+
+
+def main() -> int:
+    """Run every scenario and print one table."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes, under 2 minutes")
+    args = parser.parse_args()
+    for tool in ("docker-registry", "skopeo", "nginx", "wrk", "curl"):
+        if shutil.which(tool) is None:
+            print(f"bench needs {tool}", file=sys.stderr)
+            return 2
+    sizes = QUICK if args.quick else FULL
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="oci-bench-") as tmp:
+        bench = Bench(sizes, Path(tmp))
+        try:
+            bench.setup()
+            for step in (
+                bench.warm_blobs,
+                bench.cold_blobs,
+                bench.huge,
+                bench.manifests,
+                bench.skopeo,
+            ):
+                log(step.__name__)
+                step()
+            x_rss = RssSampler(bench.x.proc.pid).current()  # type: ignore[union-attr]
+            p_rss = RssSampler(bench.p.pid or 0).current()
+            bench.row(
+                "RSS at the end (MiB)",
+                f"{x_rss / MiB:.0f} (all workers)",
+                f"P {p_rss / MiB:.0f}",
+                "",
+                "",
+            )
+        finally:
+            bench.teardown()
+    bench.print_table()
+    print(
+        f"\n{'quick' if args.quick else 'full'} run, {time.monotonic() - started:.0f} s, "
+        "medians of alternating repetitions on this machine"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
