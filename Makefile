@@ -8,7 +8,7 @@ export STORAGE_BACKEND ?= fs
 export FS_ROOT ?= $(CURDIR)/.cache/oci
 export LISTEN_ADDR ?= 127.0.0.1:8080
 
-.PHONY: run test lint clean
+.PHONY: run run-s3 test lint bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -19,9 +19,19 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/gunicorn -c gunicorn.conf.py wsgi:app
 
+# SeaweedFS on 127.0.0.1:8333 and the proxy with STORAGE_BACKEND=s3; Ctrl-C stops both.
+run-s3: $(STAMP)
+	VENV=$(VENV) scripts/run-s3.sh
+
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
+
+bench: $(STAMP)
+	$(PY) bench/bench.py
+
+bench-quick: $(STAMP)
+	$(PY) bench/bench.py --quick
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -4,11 +4,34 @@ Imports nothing from app and nothing that loads ssl or requests: the gevent
 worker must monkey-patch before those are imported (no preload either).
 """
 
+import logging
 import os
+import secrets
+import tempfile
 
 from dotenv import load_dotenv
+from gunicorn import glogging
 
 load_dotenv()
+# TOKEN_SECRET unset: one random per-start key for proxy tokens, shared by every worker
+# (forked workers inherit the environment); app/config.py reads it.
+if not os.environ.get("TOKEN_SECRET", "").strip():
+    os.environ.setdefault("OCI_PULL_THROUGH_EPHEMERAL_TOKEN_SECRET", secrets.token_urlsafe(32))
+
+
+# Prometheus multiprocess mode (app/metrics.py): every worker writes its figures to this
+# directory and /metrics sums them. It must be in the environment before the workers fork
+# (prometheus-client reads it when first imported); on_exit removes a directory made here.
+_OWNED = "OCI_PULL_THROUGH_METRICS_DIR_OWNED"
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip():
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="oci-pull-through-metrics-")
+    os.environ[_OWNED] = "1"
+elif not os.environ.get(_OWNED):  # an operator's directory: clear a previous run's figures
+    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+    for _stale in os.listdir(os.environ["PROMETHEUS_MULTIPROC_DIR"]):
+        if _stale.endswith(".db"):
+            os.unlink(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], _stale))
+    os.environ[_OWNED] = "0"
 
 
 def _flag(name: str, default: bool = False) -> bool:
@@ -103,6 +126,53 @@ def on_starting(server):
     )
     if proc.returncode != 0:
         raise SystemExit(proc.returncode)
+
+
+class _JsonLines(logging.Formatter):
+    """gunicorn's own lines as JSON for LOG_FORMAT=json (app/logfmt.py is not imported here)."""
+
+    def format(self, record):
+        import datetime
+        import json
+
+        stamp = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+        doc = {
+            "time": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": {"WARNING": "warn"}.get(record.levelname, record.levelname.lower()),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info and record.exc_info[1] is not None:
+            doc["error"] = f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+        return json.dumps(doc)
+
+
+class _JsonLogger(glogging.Logger):
+    """gunicorn's logger with its error log (master and workers) in JSON lines."""
+
+    def setup(self, cfg):
+        super().setup(cfg)
+        for handler in self.error_log.handlers:
+            handler.setFormatter(_JsonLines())
+
+
+if os.environ.get("LOG_FORMAT", "").strip().lower() == "json":
+    logger_class = _JsonLogger
+
+
+def child_exit(server, worker):
+    """A dead worker's live gauges (transfers in flight) no longer count."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    """Remove the metrics directory this server created."""
+    import shutil
+
+    if os.environ.get(_OWNED) == "1":
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
 
 def post_worker_init(worker):

@@ -19,24 +19,49 @@ _LEVELS = {
 
 
 def configure_logging(config: Config) -> None:
-    """One line per record on stderr at LOG_LEVEL."""
+    """One line (LOG_FORMAT=text) or JSON object (json) per record on stderr at LOG_LEVEL."""
+    from app.logfmt import make_formatter
+
     root = logging.getLogger()
     if not any(getattr(h, "_oci", False) for h in root.handlers):
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
         handler._oci = True  # type: ignore[attr-defined]
         root.addHandler(handler)
+    formatter = make_formatter(config.log_format, config.log_level)
+    for handler in root.handlers:
+        if getattr(handler, "_oci", False):
+            handler.setFormatter(formatter)
+    if config.log_format == "json":  # gunicorn's own lines, as written by this worker
+        for handler in logging.getLogger("gunicorn.error").handlers:
+            handler.setFormatter(formatter)
     root.setLevel(_LEVELS[config.log_level])
     logging.getLogger("urllib3").setLevel(max(logging.WARNING, _LEVELS[config.log_level]))
 
 
+def _token_secret(config: Config) -> bytes:
+    """TOKEN_SECRET, else a random per-start key (shared by gunicorn's workers), with a warning."""
+    if config.token_secret_ephemeral:
+        logging.getLogger("oci_pull_through.tokens").warning(
+            "TOKEN_SECRET is not set: proxy tokens use a random key and stop working on restart "
+            "and across replicas"
+        )
+    if config.token_secret:
+        return config.token_secret.encode()
+    import secrets
+
+    return secrets.token_bytes(32)
+
+
 def create_app(config: Config | None = None) -> Flask:
     """Build the application: configuration, storage, upstream client and blueprints."""
-    from app.blueprints import ops, v2
-    from app.config import Config
+    from app.blueprints import ops, token, v2
+    from app.config import Config, spool_dir
     from app.errors import RegistryError
+    from app.flight import Flights
     from app.proxy import Proxy
     from app.storage import make_storage
+    from app.tokenproxy import TokenProxy
+    from app.tokens import Sealer
     from app.upstream import Upstream
 
     config = config or Config.from_env()
@@ -45,8 +70,18 @@ def create_app(config: Config | None = None) -> Flask:
     app.config["OCI_CONFIG"] = config
     app.config["OCI_LOG_JSON"] = config.log_format == "json"
     storage = make_storage(config)
-    app.extensions["oci_proxy"] = Proxy(config, storage, Upstream(config))
+    flights = Flights(spool_dir(config))
+    upstream = Upstream(config)
+    app.extensions["oci_proxy"] = Proxy(config, storage, upstream, flights)
+    app.extensions["oci_tokens"] = TokenProxy(config, upstream, Sealer(_token_secret(config)))
+    if config.storage_backend == "fs":  # FS_MAX_BYTES and the cache size gauge (§13)
+        from app.evictor import Evictor
+
+        evictor = Evictor(storage, spool_dir(config), config.fs_max_bytes)  # type: ignore[arg-type]
+        app.extensions["oci_evictor"] = evictor
+        app.before_request(evictor.start)
     app.register_blueprint(ops.bp)
+    app.register_blueprint(token.bp)
     app.register_blueprint(v2.bp)
 
     @app.errorhandler(RegistryError)

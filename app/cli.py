@@ -1,4 +1,4 @@
-"""The oci-pull-through command: healthcheck (and later gc, warm, ls)."""
+"""The oci-pull-through command: healthcheck, check-config, gc, warm and ls."""
 
 from __future__ import annotations
 
@@ -65,11 +65,18 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("healthcheck", help="probe /healthz on LISTEN_ADDR; exit 0 or 1")
     sub.add_parser("check-config", help="validate the configuration; exit 0 or 1")
+    from app.commands import gc, ls, warm
+
+    commands = {"gc": gc, "warm": warm, "ls": ls}
+    for command in commands.values():
+        command.add_parser(sub)
     parsed = parser.parse_args(args)
     if parsed.command == "healthcheck":
         return healthcheck()
     if parsed.command == "check-config":
         return check_config()
+    if parsed.command in commands:
+        return commands[parsed.command].run(parsed)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

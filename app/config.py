@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import os
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from app.errors import RegistryError
 from app.oci import normalize_registry, split_hostport
+from app.units import parse_bytes, parse_duration
 
 TRANSPARENT, AUTHENTICATED = "transparent", "authenticated"
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 _LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
 _MAX_PRESIGN_SECONDS = 7 * 24 * 3600
+_MIN_SECRET = 16
+# Set by gunicorn.conf.py in the master when TOKEN_SECRET is unset, so that all workers
+# of one server share one random per-start key.
+EPHEMERAL_SECRET = "OCI_PULL_THROUGH_EPHEMERAL_TOKEN_SECRET"
 
 
 class ConfigError(Exception):
@@ -43,8 +51,8 @@ class Config:
     allowed_registries: tuple[str, ...] = ("*",)
     upstream_connect_timeout: float = 10.0
     upstream_read_timeout: float = 60.0
-    tee_buffer_bytes: int = 16 * 1024 * 1024
     fs_root: str = "/data/oci-cache"
+    spool_dir: str = ""
     s3_bucket: str = "oci-cache"
     s3_prefix: str = ""
     s3_force_path_style: bool = True
@@ -52,6 +60,16 @@ class Config:
     s3_presign_expiry: int = 900
     s3_public_endpoint_url: str | None = None
     s3_redirect: bool = True
+    public_url: str | None = None
+    token_secret: str | None = None
+    token_secret_ephemeral: bool = False
+    token_ttl: int = 300
+    forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")
+    metrics_enabled: bool = True
+    metrics_multiproc_dir: str | None = None
+    tag_ttl: float = 28 * 86400.0
+    latest_ttl: float = 3600.0
+    fs_max_bytes: int | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -73,8 +91,8 @@ class Config:
             allowed_registries=reader.patterns("ALLOWED_REGISTRIES"),
             upstream_connect_timeout=reader.seconds("UPSTREAM_CONNECT_TIMEOUT", 10.0),
             upstream_read_timeout=reader.seconds("UPSTREAM_READ_TIMEOUT", 60.0),
-            tee_buffer_bytes=reader.integer("TEE_BUFFER_BYTES", 16 * 1024 * 1024, minimum=65536),
             fs_root=reader.text("FS_ROOT", "/data/oci-cache"),
+            spool_dir=reader.text("SPOOL_DIR", ""),
             s3_bucket=reader.text("S3_BUCKET", "oci-cache"),
             s3_prefix=reader.text("S3_PREFIX", "").strip("/"),
             s3_force_path_style=reader.boolean("S3_FORCE_PATH_STYLE", True),
@@ -82,7 +100,32 @@ class Config:
             s3_presign_expiry=reader.presign_expiry("S3_PRESIGN_EXPIRY", 900),
             s3_public_endpoint_url=reader.url("S3_PUBLIC_ENDPOINT_URL"),
             s3_redirect=reader.boolean("S3_REDIRECT", True),
+            public_url=reader.url("PUBLIC_URL"),
+            token_secret=reader.secret("TOKEN_SECRET") or reader.raw(EPHEMERAL_SECRET),
+            token_secret_ephemeral=reader.raw("TOKEN_SECRET") is None,
+            token_ttl=reader.integer("TOKEN_TTL", 300, minimum=60),
+            forwarded_allow_ips=reader.networks("FORWARDED_ALLOW_IPS", "127.0.0.1,::1"),
+            metrics_enabled=reader.boolean("METRICS_ENABLED", True),
+            metrics_multiproc_dir=reader.raw("PROMETHEUS_MULTIPROC_DIR"),
+            tag_ttl=reader.duration("TAG_TTL", 28 * 86400.0),
+            latest_ttl=reader.duration("LATEST_TTL", 3600.0),
+            fs_max_bytes=reader.size("FS_MAX_BYTES"),
         )
+
+
+def spool_dir(config: Config) -> str:
+    """Where in-flight downloads are spooled: shared by the workers of one instance."""
+    if config.spool_dir:
+        return config.spool_dir
+    # Not under FS_ROOT: a full cache disk must not break downloads that pass through.
+    # One directory per cache, so two instances on a host never share a flight.
+    store = (
+        os.path.abspath(config.fs_root)
+        if config.storage_backend == "fs"
+        else f"s3://{config.s3_bucket}/{config.s3_prefix}"
+    )
+    tag = hashlib.sha256(store.encode()).hexdigest()[:12]
+    return os.path.join(tempfile.gettempdir(), f"oci-pull-through-spool-{os.getuid()}-{tag}")
 
 
 class _Reader:
@@ -143,6 +186,29 @@ class _Reader:
             raise ConfigError(name, value, "expected a positive number of seconds")
         return number
 
+    def duration(self, name: str, default: float) -> float:
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            return parse_duration(value)
+        except ValueError:
+            raise ConfigError(
+                name, value, "expected a duration such as 30s, 10m, 6h or 28d"
+            ) from None
+
+    def size(self, name: str) -> int | None:
+        value = self.raw(name)
+        if value is None:
+            return None
+        try:
+            number = parse_bytes(value)
+        except ValueError:
+            number = 0
+        if number <= 0:
+            raise ConfigError(name, value, "expected a size in bytes such as 500Mi or 50Gi")
+        return number
+
     def presign_expiry(self, name: str, default: int) -> int:
         value = self.raw(name)
         if value is None:
@@ -186,6 +252,23 @@ class _Reader:
         except RegistryError:
             raise ConfigError(name, value, "expected host[:port] patterns with *") from None
         return tuple(items) or ("*",)
+
+    def secret(self, name: str) -> str | None:
+        value = self.raw(name)
+        if value is not None and len(value) < _MIN_SECRET:
+            raise ConfigError(name, "<hidden>", f"expected at least {_MIN_SECRET} characters")
+        return value
+
+    def networks(self, name: str, default: str) -> tuple[str, ...]:
+        value = self.raw(name) or default
+        items = [item.strip() for item in value.split(",") if item.strip()]
+        try:
+            for item in items:
+                if item != "*":
+                    ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ConfigError(name, value, "expected comma-separated IPs, networks or *") from None
+        return tuple(items)
 
     def listen_addr(self, name: str, default: str) -> str:
         value = self.raw(name) or default

@@ -12,12 +12,21 @@ class RegistryError(Exception):
     status = 500
     code = "UNKNOWN"
 
-    def __init__(self, message: str, detail: Any = None, *, status: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        detail: Any = None,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.detail = detail
         if status is not None:
             self.status = status
+        if code is not None:
+            self.code = code
 
     def body(self) -> bytes:
         """The OCI error body clients parse to show the reason."""

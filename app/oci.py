@@ -141,25 +141,45 @@ def _endpoint(segments: list[str]) -> tuple[int, str, str]:
     raise TagInvalid(f"invalid tag {ref!r}")
 
 
+def resolve_repository(
+    client_name: str, *, ns: str | None, default_registry: str
+) -> tuple[str, str]:
+    """The §2 rules for a client-side name: (registry, upstream-side name), in the order
+    ?ns=, path-encoded, host-less."""
+    segments = client_name.split("/")
+    if any(segment in ("", ".", "..") for segment in segments):
+        raise NameInvalid("empty, '.' or '..' path segments are not allowed")
+    if ns:
+        registry = normalize_registry(ns)
+        # containerd adds ?ns= even to a path-encoded mirror (override_path = true):
+        # a first segment naming that same registry is the path-encoded prefix.
+        if len(segments) > 1 and looks_like_host(segments[0]):
+            try:
+                same = normalize_registry(segments[0]) == registry
+            except NameInvalid:
+                same = False
+            if same:
+                segments = segments[1:]
+    elif looks_like_host(segments[0]):
+        registry = normalize_registry(segments[0])
+        segments = segments[1:]
+    else:
+        registry = default_registry
+    name = "/".join(segments)
+    if not name or not is_valid_name(name):
+        raise NameInvalid(f"invalid repository name {name!r}")
+    return registry, upstream_name(registry, name)
+
+
 def parse_target(path: str, *, ns: str | None, default_registry: str) -> Target:
-    """Resolve the path after /v2/ to a Target, in the order ?ns=, path-encoded, host-less."""
+    """Resolve the path after /v2/ to a Target; names are validated before any I/O."""
     segments = path.split("/")
     if any(segment in ("", ".", "..") for segment in segments):
         raise NameInvalid("empty, '.' or '..' path segments are not allowed")
     index, kind, reference = _endpoint(segments)
-    name_segments = segments[:index]
-    client_name = "/".join(name_segments)
-    if ns:
-        registry = normalize_registry(ns)
-    elif looks_like_host(name_segments[0]):
-        registry = normalize_registry(name_segments[0])
-        name_segments = name_segments[1:]
-    else:
-        registry = default_registry
-    name = "/".join(name_segments)
-    if not name or not is_valid_name(name):
-        raise NameInvalid(f"invalid repository name {name!r}")
-    return Target(registry, upstream_name(registry, name), kind, reference, client_name)
+    client_name = "/".join(segments[:index])
+    registry, name = resolve_repository(client_name, ns=ns, default_registry=default_registry)
+    return Target(registry, name, kind, reference, client_name)
 
 
 def _media_ranges(accept_values: list[str]) -> list[tuple[str, bool]]:

@@ -11,21 +11,24 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+import gevent
 import requests
 
-from app import policy
-from app.config import TRANSPARENT, Config
-from app.errors import UpstreamUnavailable
+from app import freshness, metrics, policy
+from app.config import AUTHENTICATED, Config
+from app.errors import RegistryError, UpstreamUnavailable
+from app.flight import FlightGone, Flights, Head, SpoolWriter, Uncoalescible
 from app.oci import BLOB, TAGS, Target, accepts
 from app.policy import Action
 from app.ranges import Unsatisfiable, parse_range
 from app.storage import NotFound, ObjectMeta, Storage, StoreError, keys, put
-from app.tee import Fill, tee
-from app.upstream import ClientHeaders, Upstream, iter_body
+from app.tee import CLIENT_GONE, COMMITTED, DIGEST_MISMATCH, STORE_ERROR, TRUNCATED, fill
+from app.upstream import ClientHeaders, Upstream, iter_body, raw_chunks
 
 log = logging.getLogger("oci_pull_through.proxy")
 
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+FILL_WAIT = 600.0  # how long a finished download waits for the store before letting go
 HIT, MISS, REDIRECT, BYPASS = "hit", "miss", "redirect", "bypass"
 _REPLAYED_BY_US = frozenset(
     {"content-length", "content-range", "accept-ranges", "cache-control", "docker-content-digest"}
@@ -60,24 +63,26 @@ def _content_length(response: requests.Response) -> int | None:
 class Proxy:
     """Answers registry reads from the cache or upstream, per the proxy mode."""
 
-    def __init__(self, config: Config, storage: Storage, upstream: Upstream) -> None:
+    def __init__(
+        self, config: Config, storage: Storage, upstream: Upstream, flights: Flights
+    ) -> None:
         self.config = config
         self.storage = storage
         self.upstream = upstream
+        self.flights = flights
 
     # -- /v2/ ---------------------------------------------------------------------------
 
-    def ping(self, method: str, client: ClientHeaders) -> Reply:
-        """Forward the version check to the default upstream so clients learn its challenge."""
-        registry = self.config.upstream_registry
-        try:
-            response = self.upstream.send(method, registry, "/v2/", client, token_dance=False)
-        except UpstreamUnavailable:
-            if self.config.proxy_mode != TRANSPARENT:
-                raise
-            log.warning("upstream %s unreachable; answering /v2/ locally", registry)
-            return Reply(200, [("Content-Type", "application/json")], b"{}")
-        return self._forward(response, method, registry)
+    def ping(self, client: ClientHeaders, challenge: str) -> Reply:
+        """The version check (§12): the proxy's own challenge, or 200 once a client has a token.
+
+        Credentials are checked upstream on real requests, never here.
+        """
+        headers = [("Content-Type", "application/json")]
+        if client.authorization:
+            return Reply(200, headers, b"{}")
+        body = b'{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}'
+        return Reply(401, [*headers, ("WWW-Authenticate", challenge)], body)
 
     # -- manifests ------------------------------------------------------------------------
 
@@ -100,8 +105,13 @@ class Proxy:
                 action = Action.FORWARD
             elif target.is_digest or _header(check, "Docker-Content-Digest") == meta.digest:
                 action = Action.SERVE
+                meta = freshness.checked(
+                    self, target, key, meta, _header(check, "Docker-Content-Digest")
+                )
             else:
                 action = Action.FORWARD_AND_FILL  # the tag moved upstream
+        elif action is Action.SERVE and meta and freshness.is_stale(target, meta, self.config):
+            action, meta = freshness.revalidate(self, target, key, meta, client)  # §13
         if action is Action.SERVE and meta is not None:
             reply = self._manifest_from_cache(target, key, meta, method)
             if reply is not None:
@@ -133,7 +143,9 @@ class Proxy:
         except Exception as exc:  # truncated or reset mid-body
             raise UpstreamUnavailable(target.registry, f"manifest body failed: {exc}") from None
         digest = self._verified_manifest_digest(target, response, data, length)
-        if digest is not None:
+        if digest is None:
+            metrics.fill_finished("manifest", TRUNCATED if len(data) != length else DIGEST_MISMATCH)
+        else:
             meta = ObjectMeta(
                 digest=digest,
                 size=len(data),
@@ -146,8 +158,10 @@ class Proxy:
             try:
                 for store_key in stores:
                     put(self.storage, store_key, [data], meta)
+                metrics.fill_finished("manifest", COMMITTED)
             except StoreError as exc:
                 log.warning("cache commit of %s failed: %s", key, exc)
+                metrics.fill_finished("manifest", STORE_ERROR)
         return Reply(200, headers, data, outcome=MISS)
 
     def _verified_manifest_digest(
@@ -192,9 +206,9 @@ class Proxy:
             if reply is not None:
                 return reply
             action = policy.plan(self.config.proxy_mode, method, False, True)
+        if action is Action.FORWARD_AND_FILL and method == "GET" and not client.range:
+            return self._coalesced_blob(target, key, client)
         response = self._send(method, target, client, forward_range=True, follow_redirects=True)
-        if action is Action.FORWARD_AND_FILL and method == "GET" and response.status_code == 200:
-            return self._fill_blob(target, key, response)
         return self._forward(response, method, target.registry)
 
     def _blob_from_cache(
@@ -202,12 +216,13 @@ class Proxy:
     ) -> Reply | None:
         headers = self._replay_headers(target, meta)
         try:
-            url = self.storage.presign(key, meta)
+            url = self.storage.presign(key, meta) if method == "GET" else None  # HEAD: sidecar
         except StoreError as exc:
             log.warning("presigning %s failed (%s); going upstream", key, exc)
             return None
         if url is not None:
             headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+            metrics.redirected(meta.size)
             return Reply(
                 307, [*headers, ("Location", url), ("Content-Length", "0")], outcome=REDIRECT
             )
@@ -233,6 +248,8 @@ class Proxy:
         if span is None:
             return Reply(200, headers, file=fh, length=meta.size, outcome=HIT)
         fh.seek(span.start)
+        if hasattr(fh, "limit"):  # a streamed S3 object: fetch only the range, not to its end
+            fh.limit(span.length)
         headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
         headers += [
             ("Content-Range", span.content_range(meta.size)),
@@ -240,26 +257,96 @@ class Proxy:
         ]
         return Reply(206, headers, file=fh, length=span.length, outcome=HIT)
 
-    def _fill_blob(self, target: Target, key: str, response: requests.Response) -> Reply:
+    def _coalesced_blob(self, target: Target, key: str, client: ClientHeaders) -> Reply:
+        """A blob miss joins the instance's single flight for it (app/flight.py)."""
+        for _ in range(5):
+            ticket = self.flights.join(key)
+            if ticket.leader:
+                meta = self._lookup(key)  # the previous flight may have just committed
+                reply = meta and self._blob_from_cache(target, key, meta, "GET", client)
+                if reply:
+                    ticket.release()
+                    return reply
+                ticket.start(lambda spool: self._fetch_blob(target, key, client, spool))
+            elif self.config.proxy_mode == AUTHENTICATED:
+                # Another client's credentials fetched it: this one must be entitled too.
+                check = self._send("HEAD", target, client, follow_redirects=True)
+                check.close()
+                if check.status_code != 200:
+                    ticket.release()
+                    response = self._send("GET", target, client, follow_redirects=True)
+                    return self._forward(response, "GET", target.registry)
+            try:
+                head, spool_fd = ticket.head()
+            except FlightGone:
+                ticket.release()
+                continue
+            except Uncoalescible:
+                ticket.release()
+                response = self._send("GET", target, client, follow_redirects=True)
+                return self._forward(response, "GET", target.registry)
+            except BaseException:
+                ticket.release()
+                raise
+            body = ticket.body(spool_fd, head.length)
+            if not ticket.leader:
+                metrics.COALESCED.inc()
+            return Reply(head.status, head.headers, body, outcome=MISS)
+        raise UpstreamUnavailable(target.registry, "the download kept failing; try again")
+
+    def _fetch_blob(
+        self, target: Target, key: str, client: ClientHeaders, spool: SpoolWriter
+    ) -> None:
+        """The flight's fetcher: upstream into the spool; a 200 also fills the store from it."""
+        try:
+            response = self._send("GET", target, client, follow_redirects=True)
+        except RegistryError as error:
+            spool.fail_before_head(error)
+            return
+        with response:
+            length = _content_length(response)
+            headers = policy.forwardable_headers(response.headers.items())
+            spool.publish(Head(response.status_code, headers, length))
+            filler = None
+            if response.status_code == 200:
+                filler = gevent.spawn(self._fill_blob, target, key, response, spool)
+            try:
+                for chunk in raw_chunks(response):
+                    spool.write(chunk)
+                    if not spool.has_readers():
+                        spool.end(False, CLIENT_GONE)
+                        break
+                else:
+                    spool.end(True)
+            except Exception as exc:
+                log.warning("upstream body of %s failed: %s", target.reference[:19], exc)
+                spool.end(False, TRUNCATED)
+        if filler is not None and not filler.join(timeout=FILL_WAIT) and not filler.dead:
+            log.warning("store still writing %s after %.0fs", target.reference[:19], FILL_WAIT)
+
+    def _fill_blob(
+        self, target: Target, key: str, response: requests.Response, spool: SpoolWriter
+    ) -> None:
         stored = tuple(policy.storable_headers(response.headers.items()))
         media_type = response.headers.get("Content-Type", "application/octet-stream")
 
         def make_meta(digest: str, size: int) -> ObjectMeta:
             return ObjectMeta(digest=digest, size=size, media_type=media_type, headers=stored)
 
-        def on_result(result: str) -> None:
-            log.info("cache fill %s: %s", target.reference[:19], result)
-
-        fill = Fill(
-            self.storage.writer(key),
+        try:
+            writer = self.storage.writer(key)
+        except StoreError as exc:
+            log.warning("cache fill %s: store error: %s", target.reference[:19], exc)
+            return
+        result = fill(
+            spool.tail(),
+            writer,
             expected_digest=target.reference,
             expected_size=_content_length(response),
             make_meta=make_meta,
-            buffer_bytes=self.config.tee_buffer_bytes,
-            on_result=on_result,
         )
-        headers = policy.forwardable_headers(response.headers.items())
-        return Reply(200, headers, tee(iter_body(response, target.registry), fill), outcome=MISS)
+        log.info("cache fill %s: %s", target.reference[:19], result)
+        metrics.fill_finished("blob", result)
 
     # -- pass-through -----------------------------------------------------------------------
 
@@ -331,7 +418,7 @@ class Proxy:
         headers += [
             ("Content-Length", str(meta.size)),
             ("Docker-Content-Digest", meta.digest),
-            ("Cache-Control", policy.cache_control(target)),
+            ("Cache-Control", freshness.cache_control(target, meta, self.config)),
         ]
         if target.kind == BLOB:
             headers.append(("Accept-Ranges", "bytes"))

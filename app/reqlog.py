@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
+
+from app import metrics
+from app.logfmt import FIELDS
 
 access_log = logging.getLogger("oci_pull_through.access")
 
@@ -36,33 +38,22 @@ class RequestRecord:
         ref = self.reference
         if ":" in ref and len(ref) > 19:
             ref = ref[:19]  # sha256: plus 12 hex digits
-        if self.json_format:
-            access_log.info(
-                json.dumps(
-                    {
-                        "method": self.method,
-                        "repository": self.repository,
-                        "kind": self.kind,
-                        "reference": ref,
-                        "status": self.status,
-                        "cache": self.outcome,
-                        "bytes": self.bytes_sent,
-                        "duration_ms": round(duration_ms, 2),
-                    }
-                )
-            )
-        else:
-            access_log.info(
-                "%s %s %s %s %d %s %dB %.1fms",
-                self.method,
-                self.repository,
-                self.kind,
-                ref,
-                self.status,
-                self.outcome,
-                self.bytes_sent,
-                duration_ms,
-            )
+        fields = {
+            "method": self.method,
+            "repository": self.repository,
+            "kind": self.kind,
+            "reference": ref,
+            "status": self.status,
+            "cache": self.outcome,
+            "bytes": self.bytes_sent,
+            "duration_ms": round(duration_ms, 2),
+        }
+        line = "%s %s %s %s %d %s %dB %.1fms"
+        args = (self.method, self.repository, self.kind, ref, self.status, self.outcome)
+        # JSON: the same line as the message, its fields as keys (app/logfmt.py).
+        extra = {FIELDS: fields} if self.json_format else None
+        access_log.info(line, *args, self.bytes_sent, duration_ms, extra=extra)
+        metrics.request_finished(self.kind, self.method, self.status, self.outcome, self.bytes_sent)
 
 
 def counted(body: Iterable[bytes], record: RequestRecord) -> Iterator[bytes]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import requests
 
+from app import metrics
 from app.config import TRANSPARENT, Config
 from app.errors import Denied, UpstreamUnavailable
 from app.netguard import BlockedAddress, Guard, GuardedAdapter, matches_allowlist
@@ -79,7 +80,7 @@ def parse_bearer_challenge(header: str | None) -> dict[str, str] | None:
     return params if params.get("realm") else None
 
 
-def _raw_chunks(response: requests.Response) -> Iterator[bytes]:
+def raw_chunks(response: requests.Response) -> Iterator[bytes]:
     """Whatever has arrived, up to CHUNK_SIZE at a time: slow upstreams stream without delay."""
     buffered = response._content  # bytes once something has read .content (a kept 401)
     if isinstance(buffered, bytes):
@@ -100,7 +101,7 @@ def iter_body(response: requests.Response, registry: str) -> Iterator[bytes]:
     The first chunk is read before returning, so an upstream that fails before any
     body byte becomes a clean 502 instead of a broken response.
     """
-    chunks = _raw_chunks(response)
+    chunks = raw_chunks(response)
     try:
         first = next(chunks, b"")
     except Exception as exc:
@@ -248,8 +249,9 @@ class Upstream:
         params: Mapping[str, str] | list[tuple[str, str]] | None,
         follow_redirects: bool,
     ) -> requests.Response:
+        started = time.monotonic()
         try:
-            return self.session.request(
+            response = self.session.request(
                 method,
                 url,
                 headers=headers,
@@ -261,7 +263,10 @@ class Upstream:
         except BlockedAddress as exc:
             raise Denied(f"upstream {registry} refused: {exc}") from None
         except requests.RequestException as exc:
+            metrics.upstream_answered(registry, "error", time.monotonic() - started)
             raise UpstreamUnavailable(registry, _describe(exc)) from None
+        metrics.upstream_answered(registry, response.status_code, time.monotonic() - started)
+        return response
 
 
 def _describe(exc: requests.RequestException) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, current_app, request
 
+from app.blueprints.token import token_proxy, token_realm, with_proxy_challenge
+from app.challenge import proxy_challenge
 from app.errors import Unsupported
 from app.oci import BLOB, MANIFEST, REFERRERS, TAGS, parse_target
 from app.proxy import Proxy, Reply
@@ -49,7 +51,8 @@ def client_headers() -> ClientHeaders:
 def version_check() -> Response:
     """The API version check (§5 /v2/ rows)."""
     _require_read()
-    return to_response(_proxy().ping(request.method, client_headers()))
+    challenge = proxy_challenge(token_realm())
+    return to_response(_proxy().ping(client_headers(), challenge))
 
 
 @bp.route("/v2/<path:rest>", methods=_ALL_METHODS)
@@ -63,7 +66,8 @@ def registry(rest: str) -> Response:
     )
     record.repository = f"{target.registry}/{target.name}"
     record.kind, record.reference = target.kind, target.reference
-    proxy, client = _proxy(), client_headers()
+    proxy = _proxy()
+    client = token_proxy().credentials_for(client_headers(), target.registry)
     if target.kind == MANIFEST:
         reply = proxy.manifest(target, request.method, client)
     elif target.kind == BLOB:
@@ -74,7 +78,7 @@ def registry(rest: str) -> Response:
         allowed = _PASSTHROUGH_PARAMS[target.kind]
         params = [(k, v) for k, v in request.args.items(multi=True) if k in allowed]
         reply = proxy.passthrough(target, client, params)
-    return to_response(reply)
+    return to_response(with_proxy_challenge(reply, target, request.args.get("ns")))
 
 
 def _require_read() -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
+from collections.abc import Callable
 from typing import BinaryIO
 
 from app.blocking import run_blocking
@@ -20,6 +22,9 @@ class FilesystemStorage:
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
         os.makedirs(self.root, exist_ok=True)
+        # Set by app/evictor.py when FS_MAX_BYTES bounds the cache: use tracking, new objects.
+        self.on_open: Callable[[str], None] | None = None
+        self.on_commit: Callable[[int], None] | None = None
 
     def path(self, key: str) -> str:
         """Map a key to a path; keys come from app.storage.keys, this is a last safety net."""
@@ -40,16 +45,24 @@ class FilesystemStorage:
 
     def open(self, key: str) -> BinaryIO:
         """An unbuffered file, so the server can hand its descriptor to sendfile."""
+        path = self.path(key)
         try:
-            return open(self.path(key), "rb", buffering=0)
+            fh = open(path, "rb", buffering=0)  # noqa: SIM115 - the caller closes it
         except (FileNotFoundError, NotADirectoryError):
             raise NotFound(key) from None
         except OSError as exc:
             raise StoreError(f"opening {key}: {exc}") from exc
+        # Held until closed: eviction (app/eviction.py) skips what readers hold. If eviction
+        # holds it this instant, the file is being unlinked and the open descriptor still reads.
+        with contextlib.suppress(OSError):
+            fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        if self.on_open is not None:
+            self.on_open(path)
+        return fh
 
     def writer(self, key: str) -> FilesystemWriter:
         """Start a write that nobody can see until commit."""
-        return FilesystemWriter(self.path(key), self.path(sidecar(key)))
+        return FilesystemWriter(self.path(key), self.path(sidecar(key)), self.on_commit)
 
     def delete(self, key: str) -> None:
         """Remove sidecar first, so a half-deleted object is already invisible."""
@@ -73,9 +86,12 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
 class FilesystemWriter:
     """A temp file in the target directory, renamed into place on commit."""
 
-    def __init__(self, data_path: str, sidecar_path: str) -> None:
+    def __init__(
+        self, data_path: str, sidecar_path: str, on_commit: Callable[[int], None] | None = None
+    ) -> None:
         self.data_path = data_path
         self.sidecar_path = sidecar_path
+        self.on_commit = on_commit
         self._fd: int | None = None
         self._temp: str | None = None
         self._done = False
@@ -130,6 +146,8 @@ class FilesystemWriter:
             self.abort()
             raise StoreError(f"committing {self.data_path}: {exc}") from exc
         self._done = True
+        if self.on_commit is not None:
+            self.on_commit(meta.size)
 
     def abort(self) -> None:
         """Drop the temp file; idempotent, never raises."""

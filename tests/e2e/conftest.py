@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from harness import BuiltImage, Registry, TokenServer, build_image, ensure_alias
+from harness.fakeupstream import FakeUpstream
 from harness.proxyproc import ProxyServer
+from harness.seaweed import SeaweedFS
 
 USER, PASSWORD = "alice", "s3cret-pw"
 ALIAS, ALIAS_IP = "upstream.test", "127.0.0.2"
@@ -80,6 +83,37 @@ def token_upstream(
         for repo in ("public/app", "private/app"):
             image.push(f"docker://{registry.host}/{repo}:v1", creds=f"{USER}:{PASSWORD}")
         yield registry, tokens
+
+
+@pytest.fixture(scope="session")
+def seaweed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    """One SeaweedFS (S3) on loopback for the session's S3-backed proxies."""
+    with SeaweedFS(tmp_path_factory.mktemp("seaweedfs-session")) as server:
+        yield server
+
+
+_prefixes = itertools.count()
+
+
+@pytest.fixture(params=["fs", "s3"])
+def backend(request: pytest.FixtureRequest) -> dict[str, str]:
+    """Environment selecting a storage backend, so a test runs against both."""
+    if request.param == "fs":
+        return {"STORAGE_BACKEND": "fs"}
+    server: SeaweedFS = request.getfixturevalue("seaweed_server")
+    return {
+        "STORAGE_BACKEND": "s3",
+        **server.env(),
+        "S3_BUCKET": "e2e-cache",
+        "S3_PREFIX": f"t{next(_prefixes)}",
+    }
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeUpstream]:
+    """A scriptable, misbehaving upstream for faults a real registry will not produce."""
+    with FakeUpstream() as upstream:
+        yield upstream
 
 
 @pytest.fixture

@@ -24,17 +24,8 @@ def _digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-@pytest.fixture
-def fake() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as upstream:
-        yield upstream
-
-
 def _blob(fake: FakeUpstream, size: int, **behaviour: object) -> tuple[str, bytes]:
-    data = os.urandom(size)
-    digest = _digest(data)
-    fake.routes[f"/v2/fault/repo/blobs/{digest}"] = Behaviour(body=data, **behaviour)  # type: ignore[arg-type]
-    return digest, data
+    return fake.blob("fault/repo", size, **behaviour)
 
 
 def _proxy(make_proxy: Callable[..., ProxyServer], fake: FakeUpstream, **env: str) -> ProxyServer:

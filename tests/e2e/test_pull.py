@@ -24,10 +24,16 @@ def _pull_ok(src: str, dest: Path, image: BuiltImage, creds: str | None = None) 
 
 
 def test_skopeo_hostless_cold_then_warm_makes_no_upstream_blob_request(
-    make_proxy: Callable[..., ProxyServer], upstream: Registry, image: BuiltImage, tmp_path: Path
+    make_proxy: Callable[..., ProxyServer],
+    upstream: Registry,
+    image: BuiltImage,
+    tmp_path: Path,
+    backend: dict[str, str],
 ) -> None:
-    """Host-less form (Docker's registry-mirrors shape) to UPSTREAM_REGISTRY."""
-    proxy = make_proxy({"UPSTREAM_REGISTRY": upstream.host, "INSECURE_REGISTRIES": upstream.host})
+    """Host-less form (Docker's registry-mirrors shape) to UPSTREAM_REGISTRY, on both backends."""
+    proxy = make_proxy(
+        {"UPSTREAM_REGISTRY": upstream.host, "INSECURE_REGISTRIES": upstream.host, **backend}
+    )
     cold = upstream.mark()
     _pull_ok(f"docker://{proxy.host}/e2e/app:v1", tmp_path / "cold", image)
     assert upstream.blob_gets(since=cold), "the cold pull must fetch blobs upstream"
@@ -75,10 +81,13 @@ def _get_all(proxy: ProxyServer, prefix: str, image: BuiltImage, query: str = ""
 
 
 def test_ns_query_form_and_path_encoded_form_share_one_cache_entry(
-    make_proxy: Callable[..., ProxyServer], alias_upstream: Registry, image: BuiltImage
+    make_proxy: Callable[..., ProxyServer],
+    alias_upstream: Registry,
+    image: BuiltImage,
+    backend: dict[str, str],
 ) -> None:
     """containerd's ?ns= form and the path-encoded form resolve to the same objects."""
-    proxy = make_proxy({"INSECURE_REGISTRIES": ALIAS})
+    proxy = make_proxy({"INSECURE_REGISTRIES": ALIAS, **backend})
     _get_all(proxy, "e2e/app", image, f"?ns={ALIAS}")
     assert proxy.wait_cached(image.blobs()) == []
     mark = alias_upstream.mark()

@@ -39,17 +39,28 @@ def _warm(proxy: ProxyServer, digest: str, data: bytes) -> str:
     return url
 
 
-def test_filesystem_hits_use_sendfile(make_proxy: Callable[..., ProxyServer], upstream: Registry,
-                                      big_image: BuiltImage, tmp_path: Path) -> None:
+def test_filesystem_hits_use_sendfile(
+    make_proxy: Callable[..., ProxyServer],
+    upstream: Registry,
+    big_image: BuiltImage,
+    tmp_path: Path,
+) -> None:
     """Whole-file and Range hits go out through os.sendfile, not read() into Python."""
-    proxy = make_proxy({"UPSTREAM_REGISTRY": upstream.host, "INSECURE_REGISTRIES": upstream.host,
-                        "WEB_CONCURRENCY": "1"})
+    proxy = make_proxy(
+        {
+            "UPSTREAM_REGISTRY": upstream.host,
+            "INSECURE_REGISTRIES": upstream.host,
+            "WEB_CONCURRENCY": "1",
+        }
+    )
     digest, data = _layer(big_image)
     url = _warm(proxy, digest, data)
     (worker,) = proxy.worker_pids()
     trace = tmp_path / "strace.out"
-    tracer = subprocess.Popen(["strace", "-f", "-e", "trace=sendfile", "-o", str(trace),
-                               "-p", str(worker)], stderr=subprocess.DEVNULL)
+    tracer = subprocess.Popen(
+        ["strace", "-f", "-e", "trace=sendfile", "-o", str(trace), "-p", str(worker)],
+        stderr=subprocess.DEVNULL,
+    )
     try:
         time.sleep(1.0)  # strace attaches asynchronously
         r = requests.get(url, timeout=20)
@@ -64,8 +75,11 @@ def test_filesystem_hits_use_sendfile(make_proxy: Callable[..., ProxyServer], up
     sent = 0
     calls = 0
     for line in trace.read_text().splitlines():
-        if "sendfile(" in line and "= " in line and "resumed" not in line or (
-            "sendfile resumed" in line
+        if (
+            "sendfile(" in line
+            and "= " in line
+            and "resumed" not in line
+            or ("sendfile resumed" in line)
         ):
             result = line.rsplit("= ", 1)[1].split()[0]
             if result.isdigit():
@@ -75,8 +89,9 @@ def test_filesystem_hits_use_sendfile(make_proxy: Callable[..., ProxyServer], up
     assert sent == len(data) + 2099000, f"sendfile carried {sent} bytes in {calls} calls"
 
 
-def test_range_edge_cases_on_hits(make_proxy: Callable[..., ProxyServer], upstream: Registry,
-                                  big_image: BuiltImage) -> None:
+def test_range_edge_cases_on_hits(
+    make_proxy: Callable[..., ProxyServer], upstream: Registry, big_image: BuiltImage
+) -> None:
     proxy = make_proxy({"UPSTREAM_REGISTRY": upstream.host, "INSECURE_REGISTRIES": upstream.host})
     digest, data = _layer(big_image)
     url = _warm(proxy, digest, data)
@@ -97,8 +112,10 @@ def test_self_signed_tls_in_memory_with_http2(make_proxy: Callable[..., ProxySer
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     context.set_alpn_protocols(["h2", "http/1.1"])
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as raw, \
-            context.wrap_socket(raw, server_hostname="localhost") as tls:
+    with (
+        socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
         assert tls.selected_alpn_protocol() == "h2"
         der = tls.getpeercert(binary_form=True)
     cert = x509.load_der_x509_certificate(der)
@@ -126,8 +143,16 @@ def _h2c_get(port: int, path: str) -> tuple[int, bytes]:
         conn.initiate_connection()
         sock.sendall(conn.data_to_send())
         stream = conn.get_next_available_stream_id()
-        conn.send_headers(stream, [(":method", "GET"), (":path", path), (":scheme", "http"),
-                                   (":authority", f"127.0.0.1:{port}")], end_stream=True)
+        conn.send_headers(
+            stream,
+            [
+                (":method", "GET"),
+                (":path", path),
+                (":scheme", "http"),
+                (":authority", f"127.0.0.1:{port}"),
+            ],
+            end_stream=True,
+        )
         sock.sendall(conn.data_to_send())
         status, body, done = 0, bytearray(), False
         while not done:
@@ -146,8 +171,9 @@ def _h2c_get(port: int, path: str) -> tuple[int, bytes]:
     return status, bytes(body)
 
 
-def test_h2c_and_http11_on_the_same_port(make_proxy: Callable[..., ProxyServer],
-                                         upstream: Registry, big_image: BuiltImage) -> None:
+def test_h2c_and_http11_on_the_same_port(
+    make_proxy: Callable[..., ProxyServer], upstream: Registry, big_image: BuiltImage
+) -> None:
     proxy = make_proxy({"UPSTREAM_REGISTRY": upstream.host, "INSECURE_REGISTRIES": upstream.host})
     digest, data = _layer(big_image)
     assert _h2c_get(proxy.port, "/healthz") == (200, b"ok")
@@ -166,7 +192,8 @@ def test_sigterm_drains_in_flight_downloads(make_proxy: Callable[..., ProxyServe
 
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         fake.routes[f"/v2/slow/blob/blobs/{digest}"] = Behaviour(
-            body=data, chunk=256 * 1024, delay_per_chunk=0.25)  # about 4 s in all
+            body=data, chunk=256 * 1024, delay_per_chunk=0.25
+        )  # about 4 s in all
         proxy = make_proxy({"UPSTREAM_REGISTRY": fake.host, "INSECURE_REGISTRIES": fake.host})
         received: dict[str, object] = {}
 
@@ -195,8 +222,14 @@ def test_sigterm_drains_in_flight_downloads(make_proxy: Callable[..., ProxyServe
 
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN_DIR / "oci-pull-through"), *args], env=env, cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        [str(BIN_DIR / "oci-pull-through"), *args],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 @pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
@@ -204,8 +237,12 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 def test_healthcheck_command(make_proxy: Callable[..., ProxyServer], tls: bool) -> None:
     env = {"GENERATE_SELF_SIGNED_TLS": "true"} if tls else {}
     proxy = make_proxy(env, tls=tls)
-    cli_env = {"PATH": os.environ["PATH"], "PROXY_MODE": "transparent",
-               "LISTEN_ADDR": f":{proxy.port}", **env}
+    cli_env = {
+        "PATH": os.environ["PATH"],
+        "PROXY_MODE": "transparent",
+        "LISTEN_ADDR": f":{proxy.port}",
+        **env,
+    }
     assert _cli("-healthcheck", env=cli_env).returncode == 0
     assert _cli("healthcheck", env=cli_env).returncode == 0
     proxy.stop()
@@ -213,10 +250,12 @@ def test_healthcheck_command(make_proxy: Callable[..., ProxyServer], tls: bool) 
     assert failed.returncode == 1 and "healthz" in failed.stderr
 
 
-def test_flask_run_serves_misses_and_hits(make_proxy: Callable[..., ProxyServer],
-                                          upstream: Registry, big_image: BuiltImage) -> None:
-    proxy = make_proxy({"UPSTREAM_REGISTRY": upstream.host, "INSECURE_REGISTRIES": upstream.host},
-                       server="flask")
+def test_flask_run_serves_misses_and_hits(
+    make_proxy: Callable[..., ProxyServer], upstream: Registry, big_image: BuiltImage
+) -> None:
+    proxy = make_proxy(
+        {"UPSTREAM_REGISTRY": upstream.host, "INSECURE_REGISTRIES": upstream.host}, server="flask"
+    )
     digest, data = _layer(big_image)
     url = _warm(proxy, digest, data)
     mark = upstream.mark()
@@ -230,21 +269,37 @@ def test_flask_run_serves_misses_and_hits(make_proxy: Callable[..., ProxyServer]
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({}, "invalid configuration: PROXY_MODE=unset: allowed values are transparent, "
-             "authenticated"),
+        (
+            {},
+            "invalid configuration: PROXY_MODE=unset: allowed values are transparent, "
+            "authenticated",
+        ),
         ({"PROXY_MODE": "open"}, "PROXY_MODE='open'"),
         ({"PROXY_MODE": "transparent", "LOG_LEVEL": "loud"}, "LOG_LEVEL='loud'"),
-        ({"PROXY_MODE": "transparent", "CACHE_TAG_MANIFESTS": "maybe"},
-         "CACHE_TAG_MANIFESTS='maybe': expected true or false"),
+        (
+            {"PROXY_MODE": "transparent", "CACHE_TAG_MANIFESTS": "maybe"},
+            "CACHE_TAG_MANIFESTS='maybe': expected true or false",
+        ),
     ],
 )
 def test_invalid_configuration_stops_startup_with_one_clear_line(
     tmp_path: Path, env: dict[str, str], message: str
 ) -> None:
-    full_env = {"PATH": os.environ["PATH"], "STORAGE_BACKEND": "fs",
-                "FS_ROOT": str(tmp_path / "c"), "LISTEN_ADDR": "127.0.0.1:0", **env}
-    proc = subprocess.run([str(BIN_DIR / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
-                          env=full_env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    full_env = {
+        "PATH": os.environ["PATH"],
+        "STORAGE_BACKEND": "fs",
+        "FS_ROOT": str(tmp_path / "c"),
+        "LISTEN_ADDR": "127.0.0.1:0",
+        **env,
+    }
+    proc = subprocess.run(
+        [str(BIN_DIR / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
+        env=full_env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if "invalid configuration" in line]
     assert lines and message in lines[0], proc.stderr[-2000:]
@@ -279,9 +334,17 @@ def test_log_level_warn_hides_request_lines(make_proxy: Callable[..., ProxyServe
 
 
 def test_gunicorn_conf_does_not_import_the_app_or_requests() -> None:
-    code = ("import runpy, sys; runpy.run_path('gunicorn.conf.py'); "
-            "bad = [m for m in ('app', 'requests', 'ssl', 'urllib3') if m in sys.modules]; "
-            "print(bad); sys.exit(1 if bad else 0)")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=30, env={"PATH": os.environ["PATH"]})
+    code = (
+        "import runpy, sys; runpy.run_path('gunicorn.conf.py'); "
+        "bad = [m for m in ('app', 'requests', 'ssl', 'urllib3') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": os.environ["PATH"]},
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -100,6 +102,13 @@ class FakeUpstream:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def blob(self, repo: str, size: int, **behaviour: object) -> tuple[str, bytes]:
+        """Serve size random bytes as a blob of repo; returns its digest and the bytes."""
+        data = os.urandom(size)
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        self.routes[f"/v2/{repo}/blobs/{digest}"] = Behaviour(body=data, **behaviour)  # type: ignore[arg-type]
+        return digest, data
 
     def count(self, method: str, fragment: str) -> int:
         """How many requests with this method touched a path containing fragment."""

@@ -199,6 +199,12 @@ def _split_platform(platform: str) -> tuple[str, str, str | None]:
     return parts[0], parts[1], parts[2] if len(parts) == 3 else None
 
 
+def _random_bytes(rng: random.Random, size: int) -> bytes:
+    """Random bytes in 1 MiB pieces: one randbytes() call overflows past 256 MiB."""
+    piece = 1 << 20
+    return b"".join(rng.randbytes(min(piece, size - i)) for i in range(0, size, piece))
+
+
 def make_layer(payload: bytes, name: str, compression: Compression) -> tuple[Blob, str]:
     """Return (layer blob, diff_id) for a tar holding ``payload`` as ``e2e/<name>``."""
     buf = io.BytesIO()
@@ -242,7 +248,7 @@ def _build_platform(
     layers: list[Blob] = []
     diff_ids: list[str] = []
     for i, size in enumerate(layer_sizes):
-        blob, diff_id = make_layer(rng.randbytes(size), f"layer{i}.bin", compression)
+        blob, diff_id = make_layer(_random_bytes(rng, size), f"layer{i}.bin", compression)
         layers.append(blob)
         diff_ids.append(diff_id)
     config: dict[str, Any] = {

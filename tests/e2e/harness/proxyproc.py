@@ -11,7 +11,7 @@ import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import requests
 from urllib3.exceptions import InsecureRequestWarning
@@ -169,9 +169,43 @@ class ProxyServer:
         return self.fs_root / "blobs" / algorithm / hex_part
 
     def is_cached(self, digest: str) -> bool:
-        """A blob is cached when its data and sidecar both exist."""
+        """A blob is cached when its data and sidecar (the commit marker) both exist."""
+        if self.env.get("STORAGE_BACKEND") == "s3":
+            return all(
+                self._s3_exists(key)
+                for key in (self.s3_key(digest), self.s3_key(digest) + ".meta.json")
+            )
         path = self.cached_blob(digest)
         return path.exists() and Path(f"{path}.meta.json").exists()
+
+    def s3_key(self, digest: str) -> str:
+        """The S3 key of a cached blob."""
+        algorithm, hex_part = digest.split(":", 1)
+        prefix = self.env.get("S3_PREFIX", "").strip("/")
+        return f"{prefix}/blobs/{algorithm}/{hex_part}".lstrip("/")
+
+    def s3_client(self) -> Any:
+        """A boto3 client for the proxy's bucket, from the proxy's own environment."""
+        import boto3
+        from botocore.config import Config
+
+        return boto3.session.Session().client(
+            "s3",
+            endpoint_url=self.env["AWS_ENDPOINT_URL"],
+            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
+            region_name=self.env.get("AWS_REGION", "us-east-1"),
+            config=Config(s3={"addressing_style": "path"}),
+        )
+
+    def _s3_exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.s3_client().head_object(Bucket=self.env.get("S3_BUCKET", "oci-cache"), Key=key)
+            return True
+        except ClientError:
+            return False
 
     def wait_cached(self, digests: object, timeout: float = 5.0) -> list[str]:
         """Wait for commits (they land just after the client's last byte); return those missing."""
@@ -184,7 +218,12 @@ class ProxyServer:
             time.sleep(0.05)
 
     def temp_files(self) -> list[Path]:
-        """Leftover temp files of unfinished writes."""
+        """Leftovers of unfinished writes: temp files, or S3 multipart uploads."""
+        if self.env.get("STORAGE_BACKEND") == "s3":
+            listed = self.s3_client().list_multipart_uploads(
+                Bucket=self.env.get("S3_BUCKET", "oci-cache")
+            )
+            return [Path(u["Key"]) for u in listed.get("Uploads", [])]
         if not self.fs_root.exists():
             return []
         return [p for p in self.fs_root.rglob(".tmp-*")]
