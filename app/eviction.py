@@ -72,14 +72,12 @@ def select(
 
 
 def _files(root: str, skip: str | None) -> Iterator[tuple[str, os.stat_result]]:
-    """Every regular file under the cache trees, but not temp files or the spool directory."""
+    """Every regular file under the cache trees (temp files included), not the spool directory."""
     for tree in _TREES:
         for directory, dirs, files in os.walk(os.path.join(root, tree)):
             if skip is not None:
                 dirs[:] = [d for d in dirs if os.path.join(directory, d) != skip]
             for name in files:
-                if name.startswith(TEMP_PREFIX):
-                    continue
                 path = os.path.join(directory, name)
                 with contextlib.suppress(FileNotFoundError):
                     yield path, os.stat(path, follow_symlinks=False)
@@ -91,8 +89,11 @@ def scan(root: str, skip: str | None = None) -> tuple[list[Entry], list[str]]:
     skip = os.path.abspath(skip) if skip else None
     data: dict[str, os.stat_result] = {}
     sidecars: dict[str, os.stat_result] = {}
+    temps: dict[str, os.stat_result] = {}
     for path, st in _files(root, skip):
-        if path.endswith(SIDECAR_SUFFIX):
+        if os.path.basename(path).startswith(TEMP_PREFIX):
+            temps[path] = st  # a write in progress, or left by a process that died mid-write
+        elif path.endswith(SIDECAR_SUFFIX):
             sidecars[path[: -len(SIDECAR_SUFFIX)]] = st
         else:
             data[path] = st
@@ -107,6 +108,7 @@ def scan(root: str, skip: str | None = None) -> tuple[list[Entry], list[str]]:
     ]
     old = time.time() - ORPHAN_AGE
     orphans = [p for p, st in data.items() if p not in sidecars and st.st_mtime < old]
+    orphans += [p for p, st in temps.items() if st.st_mtime < old]
     orphans += [
         p + SIDECAR_SUFFIX for p, st in sidecars.items() if p not in data and st.st_mtime < old
     ]

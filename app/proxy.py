@@ -7,20 +7,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import BinaryIO
 
 import gevent
 import requests
 
-from app import freshness, metrics, policy
+from app import freshness, metrics, policy, serve
 from app.config import AUTHENTICATED, Config
 from app.errors import RegistryError, UpstreamUnavailable
 from app.flight import FlightGone, Flights, Head, SpoolWriter, Uncoalescible
-from app.oci import BLOB, TAGS, Target, accepts
+from app.oci import TAGS, Target, accepts
 from app.policy import Action
-from app.ranges import Unsatisfiable, parse_range
+from app.reply import MISS, Reply
 from app.storage import NotFound, ObjectMeta, Storage, StoreError, keys, put
 from app.tee import CLIENT_GONE, COMMITTED, DIGEST_MISMATCH, STORE_ERROR, TRUNCATED, fill
 from app.upstream import ClientHeaders, Upstream, iter_body, raw_chunks
@@ -29,22 +26,6 @@ log = logging.getLogger("oci_pull_through.proxy")
 
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 FILL_WAIT = 600.0  # how long a finished download waits for the store before letting go
-HIT, MISS, REDIRECT, BYPASS = "hit", "miss", "redirect", "bypass"
-_REPLAYED_BY_US = frozenset(
-    {"content-length", "content-range", "accept-ranges", "cache-control", "docker-content-digest"}
-)
-
-
-@dataclass
-class Reply:
-    """An HTTP answer, independent of the web framework."""
-
-    status: int
-    headers: list[tuple[str, str]] = field(default_factory=list)
-    body: Iterable[bytes] | bytes = b""
-    file: BinaryIO | None = None  # positioned at the first byte to send
-    length: int | None = None  # bytes of file to send
-    outcome: str = BYPASS
 
 
 def _digest_of(data: bytes, algorithm: str) -> str:
@@ -113,7 +94,7 @@ class Proxy:
         elif action is Action.SERVE and meta and freshness.is_stale(target, meta, self.config):
             action, meta = freshness.revalidate(self, target, key, meta, client)  # §13
         if action is Action.SERVE and meta is not None:
-            reply = self._manifest_from_cache(target, key, meta, method)
+            reply = serve.manifest_from_cache(self.storage, self.config, target, key, meta, method)
             if reply is not None:
                 return reply
             action = policy.plan(self.config.proxy_mode, method, False, cacheable)
@@ -121,17 +102,6 @@ class Proxy:
         if action is Action.FORWARD_AND_FILL and method == "GET" and response.status_code == 200:
             return self._fill_manifest(target, key, response)
         return self._forward(response, method, target.registry)
-
-    def _manifest_from_cache(
-        self, target: Target, key: str, meta: ObjectMeta, method: str
-    ) -> Reply | None:
-        try:
-            with self.storage.open(key) as fh:
-                data = fh.read() if method == "GET" else b""
-        except (NotFound, StoreError) as exc:
-            log.warning("cached manifest %s unreadable (%s); going upstream", key, exc)
-            return None
-        return Reply(200, self._replay_headers(target, meta), data, outcome=HIT)
 
     def _fill_manifest(self, target: Target, key: str, response: requests.Response) -> Reply:
         headers = policy.forwardable_headers(response.headers.items())
@@ -202,7 +172,9 @@ class Proxy:
             check.close()
             action = Action.SERVE if check.status_code == 200 else Action.FORWARD
         if action is Action.SERVE and meta is not None:
-            reply = self._blob_from_cache(target, key, meta, method, client)
+            reply = serve.blob_from_cache(
+                self.storage, self.config, target, key, meta, method, client
+            )
             if reply is not None:
                 return reply
             action = policy.plan(self.config.proxy_mode, method, False, True)
@@ -211,59 +183,15 @@ class Proxy:
         response = self._send(method, target, client, forward_range=True, follow_redirects=True)
         return self._forward(response, method, target.registry)
 
-    def _blob_from_cache(
-        self, target: Target, key: str, meta: ObjectMeta, method: str, client: ClientHeaders
-    ) -> Reply | None:
-        headers = self._replay_headers(target, meta)
-        try:
-            url = self.storage.presign(key, meta) if method == "GET" else None  # HEAD: sidecar
-        except StoreError as exc:
-            log.warning("presigning %s failed (%s); going upstream", key, exc)
-            return None
-        if url is not None:
-            headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
-            metrics.redirected(meta.size)
-            return Reply(
-                307, [*headers, ("Location", url), ("Content-Length", "0")], outcome=REDIRECT
-            )
-        use_range = client.range and (
-            not client.if_range or client.if_range.strip('"') in (meta.digest, _etag(meta))
-        )
-        try:
-            span = parse_range(client.range if use_range else None, meta.size)
-        except Unsatisfiable:
-            headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
-            return Reply(
-                416,
-                [*headers, ("Content-Range", f"bytes */{meta.size}"), ("Content-Length", "0")],
-                outcome=HIT,
-            )
-        if method == "HEAD":
-            return Reply(200, headers, outcome=HIT)
-        try:
-            fh = self.storage.open(key)
-        except (NotFound, StoreError) as exc:
-            log.warning("cached blob %s unreadable (%s); going upstream", key, exc)
-            return None
-        if span is None:
-            return Reply(200, headers, file=fh, length=meta.size, outcome=HIT)
-        fh.seek(span.start)
-        if hasattr(fh, "limit"):  # a streamed S3 object: fetch only the range, not to its end
-            fh.limit(span.length)
-        headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
-        headers += [
-            ("Content-Range", span.content_range(meta.size)),
-            ("Content-Length", str(span.length)),
-        ]
-        return Reply(206, headers, file=fh, length=span.length, outcome=HIT)
-
     def _coalesced_blob(self, target: Target, key: str, client: ClientHeaders) -> Reply:
         """A blob miss joins the instance's single flight for it (app/flight.py)."""
         for _ in range(5):
             ticket = self.flights.join(key)
             if ticket.leader:
                 meta = self._lookup(key)  # the previous flight may have just committed
-                reply = meta and self._blob_from_cache(target, key, meta, "GET", client)
+                reply = meta and serve.blob_from_cache(
+                    self.storage, self.config, target, key, meta, "GET", client
+                )
                 if reply:
                     ticket.release()
                     return reply
@@ -344,6 +272,7 @@ class Proxy:
             expected_digest=target.reference,
             expected_size=_content_length(response),
             make_meta=make_meta,
+            source_path=spool.spool_path,
         )
         log.info("cache fill %s: %s", target.reference[:19], result)
         metrics.fill_finished("blob", result)
@@ -410,23 +339,3 @@ class Proxy:
             response.close()
             return Reply(response.status_code, headers)
         return Reply(response.status_code, headers, iter_body(response, registry))
-
-    def _replay_headers(self, target: Target, meta: ObjectMeta) -> list[tuple[str, str]]:
-        headers = [(k, v) for k, v in meta.headers if k.lower() not in _REPLAYED_BY_US]
-        if not any(k.lower() == "content-type" for k, _ in headers):
-            headers.append(("Content-Type", meta.media_type or "application/octet-stream"))
-        headers += [
-            ("Content-Length", str(meta.size)),
-            ("Docker-Content-Digest", meta.digest),
-            ("Cache-Control", freshness.cache_control(target, meta, self.config)),
-        ]
-        if target.kind == BLOB:
-            headers.append(("Accept-Ranges", "bytes"))
-        return headers
-
-
-def _etag(meta: ObjectMeta) -> str | None:
-    for k, v in meta.headers:
-        if k.lower() == "etag":
-            return v.strip('"')
-    return None

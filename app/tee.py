@@ -37,15 +37,22 @@ def fill(
     expected_digest: str,
     expected_size: int | None,
     make_meta: Callable[[str, int], ObjectMeta],
+    source_path: str | None = None,
 ) -> str:
-    """Hash and store every chunk, then commit only verified bytes; returns the outcome."""
+    """Hash and store every chunk, then commit only verified bytes; returns the outcome.
+
+    With source_path (the spool file the chunks come from) and a writer that can adopt
+    it, the bytes are only hashed and the verified file is linked into the store: no copy.
+    """
     algorithm = expected_digest.split(":", 1)[0]
     hasher = hashlib.new(algorithm)
     size = 0
+    adopt = getattr(writer, "adopt", None) if source_path is not None else None
     try:
         for chunk in chunks:
             run_blocking(hasher.update, chunk)  # hashlib releases the GIL: off the event loop
-            writer.write(chunk)
+            if adopt is None:
+                writer.write(chunk)
             size += len(chunk)
     except SourceFailed as failure:
         writer.abort()
@@ -65,9 +72,24 @@ def fill(
         writer.abort()
         return DIGEST_MISMATCH
     try:
+        if adopt is not None and not adopt(source_path):
+            _copy_into(writer, source_path, size)  # another filesystem: copy after all
         writer.commit(make_meta(digest, size))
     except Exception as exc:
         log.warning("store commit failed: %s", exc)
         writer.abort()
         return STORE_ERROR
     return COMMITTED
+
+
+def _copy_into(writer: BlobWriter, path: str | None, size: int) -> None:
+    """Write the first size bytes of path into writer, a chunk at a time."""
+    assert path is not None
+    with open(path, "rb", buffering=0) as fh:
+        remaining = size
+        while remaining:
+            chunk = fh.read(min(remaining, 1024 * 1024))
+            if not chunk:
+                raise OSError(f"{path} ended {remaining} bytes early")
+            writer.write(chunk)
+            remaining -= len(chunk)

@@ -13,7 +13,7 @@ from app.challenge import proxy_challenge
 from app.config import Config
 from app.errors import RegistryError
 from app.oci import Target
-from app.proxy import Reply
+from app.reply import Reply
 from app.reqlog import RequestRecord
 from app.scopes import parse_scopes
 from app.tokenproxy import Credentials, TokenProxy, parse_basic

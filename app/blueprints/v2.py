@@ -8,7 +8,8 @@ from app.blueprints.token import token_proxy, token_realm, with_proxy_challenge
 from app.challenge import proxy_challenge
 from app.errors import Unsupported
 from app.oci import BLOB, MANIFEST, REFERRERS, TAGS, parse_target
-from app.proxy import Proxy, Reply
+from app.proxy import Proxy
+from app.reply import Reply
 from app.reqlog import RequestRecord, counted, read_span, wrap_file
 from app.upstream import ClientHeaders
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import secrets
 import tempfile
 from collections.abc import Callable
 from typing import BinaryIO
@@ -105,6 +106,24 @@ class FilesystemWriter:
             except OSError as exc:
                 raise StoreError(f"creating temp file in {directory}: {exc}") from exc
         return self._fd
+
+    def adopt(self, path: str) -> bool:
+        """Take a complete file on the same filesystem as this object's data, by hard link.
+
+        False (and nothing changed) when that is not possible; the caller then writes.
+        """
+        if self._fd is not None or self._done:
+            return False
+        directory = os.path.dirname(self.data_path)
+        temp = os.path.join(directory, f"{TEMP_PREFIX}{secrets.token_hex(8)}")
+        try:
+            os.makedirs(directory, exist_ok=True)
+            os.link(path, temp)
+        except OSError:
+            return False
+        self._temp = temp
+        self._fd = os.open(temp, os.O_RDONLY | os.O_CLOEXEC)  # for the fsync at commit
+        return True
 
     def write(self, chunk: bytes) -> None:
         """Append to the temp file."""

@@ -76,6 +76,21 @@ def test_old_orphans_are_removed_by_a_sweep(tmp_path: Path) -> None:
     assert result.orphans == 1 and not orphan.exists()
 
 
+def test_temp_files_of_dead_writers_are_swept_live_ones_kept(tmp_path: Path) -> None:
+    """A process killed mid-write leaves an invisible temp file: gc removes it once it is old."""
+    root = tmp_path / "cache"
+    FilesystemStorage(str(root))
+    directory = root / "blobs" / "sha256"
+    directory.mkdir(parents=True)
+    dead, live = directory / ".tmp-dead", directory / ".tmp-live"
+    dead.write_bytes(b"half a blob")
+    live.write_bytes(b"being written")
+    old = time.time() - ORPHAN_AGE - 10
+    os.utime(dead, (old, old))
+    result = sweep(str(root), None)
+    assert result.orphans == 1 and not dead.exists() and live.exists()
+
+
 def test_sweep_evicts_lru_and_removes_sidecar_and_data(tmp_path: Path) -> None:
     storage = FilesystemStorage(str(tmp_path / "cache"))
     now = time.time()

@@ -197,3 +197,18 @@ def test_unreadable_sidecar_is_a_store_error_not_a_miss(
     sidecar.mkdir()  # reading a directory fails with an OSError other than "not found"
     with pytest.raises(StoreError):
         storage.stat(KEY)
+
+
+def test_adopt_links_the_verified_file_instead_of_copying(tmp_path: Path) -> None:
+    """The spool file becomes the object by hard link: same inode, no second write."""
+    storage = FilesystemStorage(str(tmp_path / "cache"))
+    spool = tmp_path / "spool-file"
+    spool.write_bytes(b"layer bytes")
+    key = keys.blob("sha256:" + "a" * 64)
+    writer = storage.writer(key)
+    assert writer.adopt(str(spool))
+    writer.commit(ObjectMeta(digest="sha256:" + "a" * 64, size=11, media_type="x"))
+    data = Path(storage.path(key))
+    assert data.read_bytes() == b"layer bytes"
+    assert data.stat().st_ino == spool.stat().st_ino
+    assert [p.name for p in data.parent.iterdir() if p.name.startswith(".tmp-")] == []

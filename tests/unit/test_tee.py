@@ -121,3 +121,71 @@ def test_store_failing_at_commit_aborts() -> None:
     writer = MemoryWriter(fail_commit=True)
     assert run(CHUNKS, writer) == STORE_ERROR
     assert writer.aborted and not writer.committed
+
+
+class AdoptingWriter(MemoryWriter):
+    """A writer that can take the source file whole (like the filesystem backend)."""
+
+    def __init__(self, accept: bool) -> None:
+        super().__init__()
+        self.accept = accept
+        self.adopted: str | None = None
+
+    def adopt(self, path: str) -> bool:
+        if self.accept:
+            self.adopted = path
+        return self.accept
+
+
+def test_a_verified_source_file_is_adopted_without_writing(tmp_path) -> None:
+    source = tmp_path / "spool"
+    source.write_bytes(DATA)
+    writer = AdoptingWriter(accept=True)
+    assert (
+        fill(
+            iter(CHUNKS),
+            writer,
+            expected_digest=DIGEST,
+            expected_size=len(DATA),
+            make_meta=make_meta,
+            source_path=str(source),
+        )
+        == COMMITTED
+    )
+    assert writer.adopted == str(source) and writer.writes == 0 and writer.committed
+
+
+def test_a_source_on_another_filesystem_is_copied(tmp_path) -> None:
+    source = tmp_path / "spool"
+    source.write_bytes(DATA)
+    writer = AdoptingWriter(accept=False)
+    assert (
+        fill(
+            iter(CHUNKS),
+            writer,
+            expected_digest=DIGEST,
+            expected_size=len(DATA),
+            make_meta=make_meta,
+            source_path=str(source),
+        )
+        == COMMITTED
+    )
+    assert bytes(writer.data) == DATA and writer.committed
+
+
+def test_an_unverified_source_is_never_adopted(tmp_path) -> None:
+    source = tmp_path / "spool"
+    source.write_bytes(DATA)
+    writer = AdoptingWriter(accept=True)
+    assert (
+        fill(
+            iter(CHUNKS),
+            writer,
+            expected_digest="sha256:" + "0" * 64,
+            expected_size=len(DATA),
+            make_meta=make_meta,
+            source_path=str(source),
+        )
+        == DIGEST_MISMATCH
+    )
+    assert writer.adopted is None and writer.aborted
