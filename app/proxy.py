@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 
 import gevent
 import requests
@@ -15,7 +16,7 @@ from app import freshness, metrics, policy, serve
 from app.config import AUTHENTICATED, Config
 from app.errors import RegistryError, UpstreamUnavailable
 from app.flight import FlightGone, Flights, Head, SpoolWriter, Uncoalescible
-from app.oci import TAGS, Target, accepts
+from app.oci import BLOB, TAGS, Target, accepts
 from app.policy import Action
 from app.reply import MISS, Reply
 from app.storage import NotFound, ObjectMeta, Storage, StoreError, keys, put
@@ -98,41 +99,36 @@ class Proxy:
             if reply is not None:
                 return reply
             action = policy.plan(self.config.proxy_mode, method, False, cacheable)
+        if action is Action.FORWARD_AND_FILL and method == "GET":
+            # A cached copy that brought us here (moved or stale upstream) must not be served.
+            return self._coalesced_manifest(target, key, client, meta.digest if meta else None)
         response = self._send(method, target, client)
-        if action is Action.FORWARD_AND_FILL and method == "GET" and response.status_code == 200:
-            return self._fill_manifest(target, key, response)
         return self._forward(response, method, target.registry)
 
-    def _fill_manifest(self, target: Target, key: str, response: requests.Response) -> Reply:
-        headers = policy.forwardable_headers(response.headers.items())
-        length = _content_length(response)
-        if length is None or length > MAX_MANIFEST_BYTES:
-            return Reply(200, headers, iter_body(response, target.registry), outcome=MISS)
-        try:
-            data = b"".join(iter_body(response, target.registry))
-        except Exception as exc:  # truncated or reset mid-body
-            raise UpstreamUnavailable(target.registry, f"manifest body failed: {exc}") from None
+    def _store_manifest(
+        self, target: Target, key: str, response: requests.Response, data: bytes, length: int
+    ) -> None:
+        """Store a verified manifest under its key and, for a tag, under its digest too."""
         digest = self._verified_manifest_digest(target, response, data, length)
         if digest is None:
             metrics.fill_finished("manifest", TRUNCATED if len(data) != length else DIGEST_MISMATCH)
-        else:
-            meta = ObjectMeta(
-                digest=digest,
-                size=len(data),
-                media_type=response.headers.get("Content-Type", ""),
-                headers=tuple(policy.storable_headers(response.headers.items())),
-            )
-            stores = [key]
-            if not target.is_digest:
-                stores.append(keys.manifest(target.registry, target.name, digest))
-            try:
-                for store_key in stores:
-                    put(self.storage, store_key, [data], meta)
-                metrics.fill_finished("manifest", COMMITTED)
-            except StoreError as exc:
-                log.warning("cache commit of %s failed: %s", key, exc)
-                metrics.fill_finished("manifest", STORE_ERROR)
-        return Reply(200, headers, data, outcome=MISS)
+            return
+        meta = ObjectMeta(
+            digest=digest,
+            size=len(data),
+            media_type=response.headers.get("Content-Type", ""),
+            headers=tuple(policy.storable_headers(response.headers.items())),
+        )
+        stores = [key]
+        if not target.is_digest:
+            stores.append(keys.manifest(target.registry, target.name, digest))
+        try:
+            for store_key in stores:
+                put(self.storage, store_key, [data], meta)
+            metrics.fill_finished("manifest", COMMITTED)
+        except StoreError as exc:
+            log.warning("cache commit of %s failed: %s", key, exc)
+            metrics.fill_finished("manifest", STORE_ERROR)
 
     def _verified_manifest_digest(
         self, target: Target, response: requests.Response, data: bytes, length: int
@@ -183,26 +179,31 @@ class Proxy:
         response = self._send(method, target, client, forward_range=True, follow_redirects=True)
         return self._forward(response, method, target.registry)
 
-    def _coalesced_blob(self, target: Target, key: str, client: ClientHeaders) -> Reply:
-        """A blob miss joins the instance's single flight for it (app/flight.py)."""
+    def _coalesced(
+        self,
+        target: Target,
+        flight_key: str,
+        client: ClientHeaders,
+        from_cache: Callable[[], Reply | None],
+        fetch: Callable[[SpoolWriter], None],
+    ) -> Reply:
+        """A miss joins the instance's single flight for the object (app/flight.py)."""
+        redirects = target.kind == BLOB
         for _ in range(5):
-            ticket = self.flights.join(key)
+            ticket = self.flights.join(flight_key)
             if ticket.leader:
-                meta = self._lookup(key)  # the previous flight may have just committed
-                reply = meta and serve.blob_from_cache(
-                    self.storage, self.config, target, key, meta, "GET", client
-                )
-                if reply:
+                reply = from_cache()  # the previous flight may have just committed
+                if reply is not None:
                     ticket.release()
                     return reply
-                ticket.start(lambda spool: self._fetch_blob(target, key, client, spool))
+                ticket.start(fetch)
             elif self.config.proxy_mode == AUTHENTICATED:
                 # Another client's credentials fetched it: this one must be entitled too.
-                check = self._send("HEAD", target, client, follow_redirects=True)
+                check = self._send("HEAD", target, client, follow_redirects=redirects)
                 check.close()
                 if check.status_code != 200:
                     ticket.release()
-                    response = self._send("GET", target, client, follow_redirects=True)
+                    response = self._send("GET", target, client, follow_redirects=redirects)
                     return self._forward(response, "GET", target.registry)
             try:
                 head, spool_fd = ticket.head()
@@ -211,7 +212,7 @@ class Proxy:
                 continue
             except Uncoalescible:
                 ticket.release()
-                response = self._send("GET", target, client, follow_redirects=True)
+                response = self._send("GET", target, client, follow_redirects=redirects)
                 return self._forward(response, "GET", target.registry)
             except BaseException:
                 ticket.release()
@@ -221,6 +222,74 @@ class Proxy:
                 metrics.COALESCED.inc()
             return Reply(head.status, head.headers, body, outcome=MISS)
         raise UpstreamUnavailable(target.registry, "the download kept failing; try again")
+
+    def _coalesced_blob(self, target: Target, key: str, client: ClientHeaders) -> Reply:
+        """A blob miss: one download per instance, every client streams it."""
+
+        def from_cache() -> Reply | None:
+            meta = self._lookup(key)
+            if meta is None:
+                return None
+            return serve.blob_from_cache(
+                self.storage, self.config, target, key, meta, "GET", client
+            )
+
+        return self._coalesced(
+            target,
+            key,
+            client,
+            from_cache,
+            lambda spool: self._fetch_blob(target, key, client, spool),
+        )
+
+    def _coalesced_manifest(
+        self, target: Target, key: str, client: ClientHeaders, replaced: str | None
+    ) -> Reply:
+        """A manifest miss: one fetch per instance and distinct Accept (it shapes the answer)."""
+        accept = ",".join(sorted(m.strip() for a in client.accept for m in a.split(",")))
+
+        def from_cache() -> Reply | None:
+            meta = self._lookup(key)
+            if meta is None or meta.digest == replaced:
+                return None
+            if not (target.is_digest or accepts(list(client.accept), meta.media_type)):
+                return None
+            return serve.manifest_from_cache(self.storage, self.config, target, key, meta, "GET")
+
+        return self._coalesced(
+            target,
+            f"{key}|{accept}",
+            client,
+            from_cache,
+            lambda spool: self._fetch_manifest(target, key, client, spool),
+        )
+
+    def _fetch_manifest(
+        self, target: Target, key: str, client: ClientHeaders, spool: SpoolWriter
+    ) -> None:
+        """The flight's fetcher for a manifest: read it whole, publish it, store it verified."""
+        try:
+            response = self._send("GET", target, client)
+        except RegistryError as error:
+            spool.fail_before_head(error)
+            return
+        with response:
+            length = _content_length(response)
+            headers = policy.forwardable_headers(response.headers.items())
+            spool.publish(Head(response.status_code, headers, length))
+            data = bytearray()
+            try:
+                for chunk in raw_chunks(response):
+                    spool.write(chunk)
+                    if len(data) <= MAX_MANIFEST_BYTES:
+                        data += chunk
+            except Exception as exc:
+                log.warning("upstream manifest %s failed: %s", target.reference, exc)
+                spool.end(False, TRUNCATED)
+                return
+            spool.end(True)
+        if response.status_code == 200 and length is not None and length <= MAX_MANIFEST_BYTES:
+            self._store_manifest(target, key, response, bytes(data), length)
 
     def _fetch_blob(
         self, target: Target, key: str, client: ClientHeaders, spool: SpoolWriter

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Callable
@@ -104,3 +105,25 @@ def test_upstream_errors_reach_every_follower(
     proxy = _proxy(make_proxy, fake)
     results = _get_many(f"{proxy.url}/v2/co/repo/blobs/{digest}", 5)
     assert all(r == (404, b'{"errors":[{"code":"BLOB_UNKNOWN"}]}') for r in results), results
+
+
+def test_concurrent_cold_manifest_requests_make_one_upstream_request(
+    make_proxy: Callable[..., ProxyServer], fake: FakeUpstream
+) -> None:
+    body = b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}'
+    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+    fake.routes["/v2/co/repo/manifests/v1"] = Behaviour(
+        body=body,
+        stall_before_headers=0.5,
+        headers={
+            "Content-Type": "application/vnd.oci.image.manifest.v1+json",
+            "Docker-Content-Digest": digest,
+        },
+    )
+    proxy = _proxy(make_proxy, fake)
+    results = _get_many(f"{proxy.url}/v2/co/repo/manifests/v1", 10)
+    assert all(r == (200, body) for r in results), results
+    assert fake.count("GET", "/manifests/v1") == 1
+    with requests.get(f"{proxy.url}/v2/co/repo/manifests/{digest}", timeout=10) as r:
+        assert r.status_code == 200 and r.content == body
+    assert fake.count("GET", f"/manifests/{digest}") == 0, "stored under its digest too"
