@@ -267,7 +267,8 @@ class Proxy:
     def _fetch_manifest(
         self, target: Target, key: str, client: ClientHeaders, spool: SpoolWriter
     ) -> None:
-        """The flight's fetcher for a manifest: read it whole, publish it, store it verified."""
+        """The flight's fetcher for a manifest: read whole, verified and stored before anyone
+        sees it, so a client's follow-up request by digest is already a hit."""
         try:
             response = self._send("GET", target, client)
         except RegistryError as error:
@@ -275,21 +276,30 @@ class Proxy:
             return
         with response:
             length = _content_length(response)
-            headers = policy.forwardable_headers(response.headers.items())
-            spool.publish(Head(response.status_code, headers, length))
-            data = bytearray()
+            head = Head(
+                response.status_code, policy.forwardable_headers(response.headers.items()), length
+            )
+            small = length is not None and length <= MAX_MANIFEST_BYTES
+            if response.status_code == 200 and small:
+                try:
+                    data = b"".join(raw_chunks(response))
+                except Exception as exc:  # truncated or reset: nothing reached a client yet
+                    spool.fail_before_head(UpstreamUnavailable(target.registry, f"{exc}"))
+                    return
+                self._store_manifest(target, key, response, data, length or 0)
+                spool.publish(head)
+                spool.write(data)
+                spool.end(len(data) == length)
+                return
+            spool.publish(head)
             try:
                 for chunk in raw_chunks(response):
                     spool.write(chunk)
-                    if len(data) <= MAX_MANIFEST_BYTES:
-                        data += chunk
             except Exception as exc:
                 log.warning("upstream manifest %s failed: %s", target.reference, exc)
                 spool.end(False, TRUNCATED)
                 return
             spool.end(True)
-        if response.status_code == 200 and length is not None and length <= MAX_MANIFEST_BYTES:
-            self._store_manifest(target, key, response, bytes(data), length)
 
     def _fetch_blob(
         self, target: Target, key: str, client: ClientHeaders, spool: SpoolWriter
