@@ -63,9 +63,15 @@ def test_wrong_bytes_for_digest_are_forwarded_but_not_cached(
     proxy = _proxy(make_proxy, fake)
     r = requests.get(f"{proxy.url}/v2/fault/repo/blobs/{digest}", timeout=10)
     assert r.status_code == 200 and r.content == data  # the client verifies and rejects it
+    # The fill's verdict ends the download's flight; until then a second client would join it.
+    deadline = time.monotonic() + 10
+    while "digest mismatch" not in proxy.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "digest mismatch" in proxy.log()
     _assert_nothing_committed(proxy, digest)
+    time.sleep(0.2)
     requests.get(f"{proxy.url}/v2/fault/repo/blobs/{digest}", timeout=10)
-    assert fake.count("GET", digest) == 2
+    assert fake.count("GET", digest) == 2, "not cached: the next download goes upstream again"
 
 
 def test_manifest_not_matching_its_digest_is_not_cached(
