@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -43,6 +44,21 @@ def _proxy_for(
             "INSECURE_REGISTRIES": f"{registry.host},{token_host}",
         }
     )
+
+
+def _alice(tokens: TokenServer) -> dict[str, str]:
+    """Authorization with a token for the private repository, as the user allowed to pull it."""
+    return {"Authorization": f"Bearer {_token(tokens, 'private/app', (USER, PASSWORD))}"}
+
+
+@contextlib.contextmanager
+def _stopped(registry: Registry) -> Iterator[None]:
+    """The upstream is unreachable for the duration (the rows that say so)."""
+    registry.stop()
+    try:
+        yield
+    finally:
+        registry.start()
 
 
 def _layer(image: BuiltImage) -> str:
@@ -90,15 +106,14 @@ def test_transparent_hits_ignore_authorization_and_survive_upstream_outage(
     registry, tokens = token_upstream
     proxy = _proxy_for(make_proxy, registry, tokens, "transparent")
     layer = _layer(image)
-    bearer = {"Authorization": f"Bearer {_token(tokens, 'private/app', (USER, PASSWORD))}"}
+    bearer = _alice(tokens)
     base = f"{proxy.url}/v2/private/app"
     r = session.get(f"{base}/blobs/{layer}", headers=bearer, timeout=10)
     assert r.status_code == 200 and r.content == image.all_blobs()[layer].data
     r = session.get(f"{base}/manifests/v1", headers={**bearer, **ACCEPT}, timeout=10)
     assert r.status_code == 200 and r.headers["Docker-Content-Digest"] == image.ref_digest
     assert proxy.wait_cached([layer]) == []
-    registry.stop()
-    try:
+    with _stopped(registry):
         garbage = {"Authorization": "Bearer not-a-token"}
         r = session.head(f"{base}/blobs/{layer}", headers=garbage, timeout=10)
         assert r.status_code == 200
@@ -119,8 +134,6 @@ def test_transparent_hits_ignore_authorization_and_survive_upstream_outage(
         r = session.get(f"{base}/blobs/{missing}", timeout=10)
         assert r.status_code == 502
         assert registry.host in r.json()["errors"][0]["message"]
-    finally:
-        registry.start()
 
 
 def test_transparent_miss_forwards_client_credentials(
@@ -134,7 +147,7 @@ def test_transparent_miss_forwards_client_credentials(
     proxy = _proxy_for(make_proxy, registry, tokens, "transparent")
     url = f"{proxy.url}/v2/private/app/manifests/{image.ref_digest}"
     assert session.get(url, headers=ACCEPT, timeout=10).status_code == 401
-    bearer = {"Authorization": f"Bearer {_token(tokens, 'private/app', (USER, PASSWORD))}"}
+    bearer = _alice(tokens)
     r = session.get(url, headers={**bearer, **ACCEPT}, timeout=10)
     assert r.status_code == 200 and r.content == image.top.data
 
@@ -151,7 +164,7 @@ def test_authenticated_head_always_forwarded(
     registry, tokens = token_upstream
     proxy = _proxy_for(make_proxy, registry, tokens, "authenticated")
     layer = _layer(image)
-    bearer = {"Authorization": f"Bearer {_token(tokens, 'private/app', (USER, PASSWORD))}"}
+    bearer = _alice(tokens)
     url = f"{proxy.url}/v2/private/app/blobs/{layer}"
     assert session.get(url, headers=bearer, timeout=10).status_code == 200
     assert proxy.wait_cached([layer]) == []
@@ -161,11 +174,8 @@ def test_authenticated_head_always_forwarded(
         lambda es: any(e.method == "HEAD" and layer in e.path for e in es), since=mark
     )
     assert session.head(url, timeout=10).status_code == 401, "cache not consulted for HEAD"
-    registry.stop()
-    try:
+    with _stopped(registry):
         assert session.head(url, headers=bearer, timeout=10).status_code == 502
-    finally:
-        registry.start()
 
 
 def test_authenticated_get_hit_checks_upstream_first(
@@ -179,7 +189,7 @@ def test_authenticated_get_hit_checks_upstream_first(
     proxy = _proxy_for(make_proxy, registry, tokens, "authenticated")
     layer = _layer(image)
     data = image.all_blobs()[layer].data
-    bearer = {"Authorization": f"Bearer {_token(tokens, 'private/app', (USER, PASSWORD))}"}
+    bearer = _alice(tokens)
     url = f"{proxy.url}/v2/private/app/blobs/{layer}"
     r = session.get(url, headers=bearer, timeout=10)  # GET miss: forwarded and filled
     assert r.status_code == 200 and r.content == data
@@ -205,12 +215,9 @@ def test_authenticated_get_hit_checks_upstream_first(
     r = session.get(f"{proxy.url}/v2/public/other/blobs/{layer}", headers=anon_public, timeout=10)
     assert r.status_code == 404 and data not in r.content
 
-    registry.stop()
-    try:
+    with _stopped(registry):
         r = session.get(url, headers=bearer, timeout=10)
         assert r.status_code == 502
-    finally:
-        registry.start()
 
 
 def test_authenticated_cached_tag_is_checked_and_served(
@@ -221,7 +228,7 @@ def test_authenticated_cached_tag_is_checked_and_served(
 ) -> None:
     registry, tokens = token_upstream
     proxy = _proxy_for(make_proxy, registry, tokens, "authenticated")
-    bearer = {"Authorization": f"Bearer {_token(tokens, 'private/app', (USER, PASSWORD))}"}
+    bearer = _alice(tokens)
     url = f"{proxy.url}/v2/private/app/manifests/v1"
     assert session.get(url, headers={**bearer, **ACCEPT}, timeout=10).status_code == 200
     mark = registry.mark()
