@@ -80,8 +80,8 @@ def parse_bearer_challenge(header: str | None) -> dict[str, str] | None:
     return params if params.get("realm") else None
 
 
-def raw_chunks(response: requests.Response) -> Iterator[bytes]:
-    """Whatever has arrived, up to CHUNK_SIZE at a time: slow upstreams stream without delay."""
+def raw_chunks(response: requests.Response, size: int = CHUNK_SIZE) -> Iterator[bytes]:
+    """Whatever has arrived, up to size bytes at a time: slow upstreams stream without delay."""
     buffered = response._content  # bytes once something has read .content (a kept 401)
     if isinstance(buffered, bytes):
         if buffered:
@@ -89,10 +89,31 @@ def raw_chunks(response: requests.Response) -> Iterator[bytes]:
         return
     raw = response.raw
     while True:
-        chunk = raw.read1(CHUNK_SIZE, decode_content=False)
+        chunk = raw.read1(size, decode_content=False)
         if not chunk:
             return
         yield chunk
+
+
+MAX_ERROR_BODY = 64 * 1024
+MAX_TOKEN_BODY = 1024 * 1024
+
+
+class TooLarge(Exception):
+    """An upstream body went past its cap (counted in bytes read, not Content-Length)."""
+
+
+def read_limited(response: requests.Response, limit: int) -> bytes:
+    """The whole body, or TooLarge as soon as more than limit bytes arrive (§15 bounded work)."""
+    parts: list[bytes] = []
+    size = 0
+    for chunk in raw_chunks(response, min(limit + 1, CHUNK_SIZE)):
+        size += len(chunk)
+        if size > limit:
+            response.close()
+            raise TooLarge(f"more than {limit} bytes")
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def iter_body(response: requests.Response, registry: str) -> Iterator[bytes]:

@@ -29,6 +29,8 @@ class ObjectMeta:
     media_type: str
     headers: tuple[tuple[str, str], ...] = ()
     stored_at: float = field(default_factory=time.time)
+    # "registry/repository" pairs through which these bytes were verified (SPEC §15).
+    sources: tuple[str, ...] = ()
 
     def to_json(self) -> bytes:
         """Serialise for the sidecar."""
@@ -39,6 +41,7 @@ class ObjectMeta:
                 "media_type": self.media_type,
                 "headers": [list(h) for h in self.headers],
                 "stored_at": self.stored_at,
+                "sources": list(self.sources),
             },
             separators=(",", ":"),
         ).encode()
@@ -54,6 +57,7 @@ class ObjectMeta:
                 media_type=str(raw["media_type"]),
                 headers=tuple((str(k), str(v)) for k, v in raw["headers"]),
                 stored_at=float(raw["stored_at"]),
+                sources=tuple(str(s) for s in raw.get("sources", ())),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise NotFound(f"unreadable sidecar: {exc}") from None
