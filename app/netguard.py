@@ -7,6 +7,7 @@ then connects to, so redirects, token realms and DNS tricks are all covered.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 import socket
 from dataclasses import dataclass
@@ -14,24 +15,50 @@ from dataclasses import dataclass
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import NameResolutionError, NewConnectionError
 
 from app.oci import split_hostport
 
+log = logging.getLogger("oci_pull_through.netguard")
+
+DEFAULT_PORTS = (443, 80)
+
 
 class BlockedAddress(Exception):
-    """A connection to an internal address was refused before it was made."""
+    """A connection to an internal address was refused before it was made.
+
+    The message names the host only: it reaches the client in a 403, and what an internal
+    name resolves to is none of the client's business (the address is logged instead).
+    """
 
     def __init__(self, host: str, address: str) -> None:
-        super().__init__(f"{host} resolves to {address}, an internal address that is not allowed")
+        super().__init__(f"{host} is or resolves to an internal address, which is not allowed")
         self.host = host
         self.address = address
 
 
-def is_internal(address: str) -> bool:
-    """Loopback, private, link-local, unspecified and multicast addresses are internal."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+# Ranges the stdlib flags miss, or flag differently from one Python release to the next (§15).
+_INTERNAL_V4 = tuple(
+    ipaddress.IPv4Network(net)
+    for net in (
+        "0.0.0.0/8",  # "this network"
+        "10.0.0.0/8",
+        "100.64.0.0/10",  # CGNAT; cloud metadata such as 100.100.100.200
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "172.16.0.0/12",
+        "192.0.0.0/24",  # IETF protocol assignments
+        "192.168.0.0/16",
+        "198.18.0.0/15",  # benchmarking
+        "224.0.0.0/4",
+        "240.0.0.0/4",  # reserved, and the limited broadcast address
+    )
+)
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")  # RFC 8215: site-specific by definition
+
+
+def _flagged(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return (
         ip.is_loopback
         or ip.is_private
@@ -40,6 +67,32 @@ def is_internal(address: str) -> bool:
         or ip.is_multicast
         or ip.is_reserved
     )
+
+
+def _internal_v4(ip: ipaddress.IPv4Address) -> bool:
+    return _flagged(ip) or any(ip in net for net in _INTERNAL_V4)
+
+
+def is_internal(address: str) -> bool:
+    """Whether a connection to this address could reach the proxy's own network (§15).
+
+    Loopback, private, link-local, CGNAT, benchmarking, reserved, unspecified and multicast
+    addresses are internal, and so are IPv6 forms that embed an internal IPv4 address
+    (IPv4-mapped, NAT64, 6to4). A zone id (fe80::1%eth0) does not change the verdict.
+    """
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv4Address):
+        return _internal_v4(ip)
+    if ip.ipv4_mapped is not None:
+        return _internal_v4(ip.ipv4_mapped)
+    if ip in _NAT64:
+        # The well-known NAT64 prefix reaches the embedded IPv4 address, and only that.
+        return _internal_v4(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    if ip in _NAT64_LOCAL:
+        return True
+    if ip.sixtofour is not None and _internal_v4(ip.sixtofour):
+        return True
+    return _flagged(ip)
 
 
 @dataclass(frozen=True)
@@ -55,18 +108,26 @@ class Guard:
         return cls(explicit + tuple(sorted(insecure)))
 
     def is_exempt(self, host: str, port: int) -> bool:
-        """An exemption names host or host:port (IPv6 hosts in brackets)."""
+        """An exemption names host:port, or host alone for the default ports (443, and 80).
+
+        A port-less entry must not open every service of an internal host (§15); plain-HTTP
+        INSECURE_REGISTRIES entries are reached on 80, so that is a default port too.
+        """
         shown = f"[{host}]" if ":" in host else host.lower()
         for entry in self.exempt:
             entry_host, entry_port = split_hostport(entry)
-            entry_shown = f"[{entry_host}]" if ":" in entry_host else entry_host
-            if entry_shown == shown and entry_port in (None, port):
+            entry_shown = f"[{entry_host}]" if ":" in entry_host else entry_host.lower()
+            ports = DEFAULT_PORTS if entry_port is None else (entry_port,)
+            if entry_shown == shown and port in ports:
                 return True
         return False
 
     def check(self, host: str, port: int, address: str) -> None:
         """Raise BlockedAddress unless connecting host:port to address is allowed."""
         if is_internal(address) and not self.is_exempt(host, port):
+            log.warning(
+                "refused upstream connection to %s port %s: %s is internal", host, port, address
+            )
             raise BlockedAddress(host, address)
 
 
@@ -97,8 +158,12 @@ def _guarded_connection(base: type[HTTPConnection], guard: Guard) -> type[HTTPCo
             host = self._dns_host.strip("[]")
             try:
                 infos = socket.getaddrinfo(host, self.port, type=socket.SOCK_STREAM)
-            except OSError:
-                return super()._new_conn()  # let urllib3 report the resolution error
+            except OSError as exc:
+                # Fail closed: never hand the name to another resolver that is not checked.
+                reason = exc if isinstance(exc, socket.gaierror) else socket.gaierror(str(exc))
+                raise NameResolutionError(host, self, reason) from None
+            if not infos:
+                raise NameResolutionError(host, self, socket.gaierror("no addresses"))
             for *_, sockaddr in infos:
                 guard.check(host, self.port, sockaddr[0])
             sock: socket.socket | None = None
@@ -122,8 +187,6 @@ def _guarded_connection(base: type[HTTPConnection], guard: Guard) -> type[HTTPCo
                     if sock is not None:
                         sock.close()
                     raise
-            from urllib3.exceptions import NewConnectionError
-
             raise NewConnectionError(self, f"Failed to establish a new connection: {error}")
 
     return GuardedConnection
