@@ -73,3 +73,73 @@ def test_unsatisfiable(header: str, size: int) -> None:
 )
 def test_ignored_headers_serve_whole_object(header: str | None) -> None:
     assert parse_range(header, 10) is None
+
+
+# -- hostile headers (§15 "Input"): ASCII grammar only, never an exception ------------------------
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "bytes=²-",  # superscript two: str.isdigit() is True, int() raises
+        "bytes=-²",
+        "bytes=0-²",
+        "bytes=¹-²",
+        "bytes=٣-",  # Arabic-Indic three: isdigit() and int() both accept it
+        "bytes=-٣",
+        "bytes=0-٣",
+        "bytes=１-２",  # fullwidth digits
+        "bytes=\u00a01-2",  # NO-BREAK SPACE is not OWS
+        "bytes=1-2\u2028",
+        "ｂytes=1-2",
+        "bytes\u3000=1-2",
+        "bytes=1_0-20",  # int() accepts underscores
+        "bytes=-1_0",
+    ],
+)
+def test_non_ascii_or_non_grammar_ranges_are_ignored(header: str) -> None:
+    """Attack: `Range: bytes=²-` made int() raise, a 500; now the whole object is served."""
+    assert parse_range(header, 10) is None
+
+
+def test_huge_first_position_is_unsatisfiable_not_an_error() -> None:
+    """Attack: int() refuses more than 4300 digits (ValueError -> 500); such a start is past
+    any object, so the answer is 416."""
+    with pytest.raises(Unsatisfiable):
+        parse_range("bytes=" + "9" * 5000 + "-", 10)
+
+
+def test_huge_last_position_clamps_to_the_object() -> None:
+    assert parse_range("bytes=2-" + "9" * 5000, 10) == ByteRange(2, 9)
+
+
+def test_huge_suffix_is_the_whole_object() -> None:
+    assert parse_range("bytes=-" + "9" * 5000, 10) == ByteRange(0, 9)
+
+
+def test_leading_zeros_do_not_count_as_magnitude() -> None:
+    assert parse_range("bytes=" + "0" * 5000 + "3-" + "0" * 5000 + "4", 10) == ByteRange(3, 4)
+
+
+@pytest.mark.parametrize("header", ["bytes=\t1-2", "bytes=1\t-\t2 ", " bytes=1-2"])
+def test_tabs_and_spaces_are_optional_whitespace(header: str) -> None:
+    assert parse_range(header, 10) == ByteRange(1, 2)
+
+
+def test_no_unicode_digit_or_space_changes_the_answer_or_raises() -> None:
+    """Every non-ASCII character str.isdigit()/isspace() accepts, in every position."""
+    odd = [
+        chr(c)
+        for c in range(0x80, 0x110000)
+        if chr(c).isdigit() or chr(c).isspace() or chr(c).isdecimal()
+    ]
+    assert len(odd) > 100
+    for c in odd:
+        for header in (
+            f"bytes={c}-",
+            f"bytes=-{c}",
+            f"bytes=1-{c}",
+            f"bytes={c}1-2",
+            f"bytes=1-2{c}",
+        ):
+            assert parse_range(header, 10) is None, header
