@@ -21,6 +21,7 @@ _NAME_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 _TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _DIGEST_RE = re.compile(r"sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128}")
 _LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_PORT_RE = re.compile(r"[0-9]{1,5}")
 _KEYWORDS = ("manifests", "blobs", "referrers", "tags")
 _MAX_NAME = 255
 
@@ -64,12 +65,15 @@ def looks_like_host(segment: str) -> bool:
 
 
 def split_hostport(value: str) -> tuple[str, int | None]:
-    """Split host[:port]; IPv6 literals come back without brackets."""
+    """Split host[:port]; IPv6 literals come back without brackets, and never with a zone id."""
     if value.startswith("["):
         end = value.find("]")
         if end < 0:
             raise ValueError(f"unclosed IPv6 bracket in {value!r}")
         host, rest = value[1:end], value[end + 1 :]
+        if "%" in host:
+            # A zone id names a local interface (link-local reach) and may carry '@' or spaces.
+            raise ValueError(f"IPv6 zone identifiers are not allowed in {value!r}")
         if rest and not rest.startswith(":"):
             raise ValueError(f"junk after IPv6 literal in {value!r}")
         port_text = rest[1:] if rest else None
@@ -78,7 +82,8 @@ def split_hostport(value: str) -> tuple[str, int | None]:
         port_text = port_text if sep else None
     port = None
     if port_text is not None:
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        # ASCII digits only: str.isdigit() and int() also take Unicode digits (§15 Input).
+        if _PORT_RE.fullmatch(port_text) is None or not 0 < int(port_text) < 65536:
             raise ValueError(f"bad port in {value!r}")
         port = int(port_text)
     return host, port
@@ -96,6 +101,8 @@ def normalize_registry(value: str) -> str:
         ip = ipaddress.ip_address(host)
     except ValueError:
         ip = None
+    if "%" in host:
+        raise NameInvalid(f"invalid registry {value!r}: IPv6 zone identifiers are not allowed")
     if ip is not None and ip.version == 6:
         if not value.startswith("["):
             raise NameInvalid(f"invalid registry {value!r}: IPv6 literals need brackets")

@@ -287,6 +287,54 @@ def test_invalid_path_encoded_registries(path: str) -> None:
         parse(path)
 
 
+ZONE_IDS = [
+    "[fe80::1%eth0]",
+    "[fe80::1%eth0]:5000",
+    "[fe80::1%25eth0]",  # percent-encoded once more: still a zone id
+    "[fe80::1%a@evil.test]",  # '@' inside a zone id passed validation
+    "[fe80::1%a b]",  # and so did spaces
+    "[fe80::1%]",
+    "[::1%lo]:5000",
+    "[fd00::5%1]",
+]
+
+
+@pytest.mark.parametrize("ns", ZONE_IDS)
+def test_ipv6_zone_ids_are_refused_via_ns(ns: str) -> None:
+    """Attack: a zone id picks an interface (link-local reach) and smuggles '@' or spaces."""
+    with pytest.raises(NameInvalid):
+        parse("app/manifests/v1", ns=ns)
+
+
+@pytest.mark.parametrize("registry", ZONE_IDS)
+def test_ipv6_zone_ids_are_refused_path_encoded(registry: str) -> None:
+    with pytest.raises(NameInvalid):
+        parse(f"{registry}/app/manifests/v1")
+
+
+def test_ipv6_zone_id_in_ns_matching_the_path_prefix_is_refused() -> None:
+    with pytest.raises(NameInvalid):
+        parse("[fe80::1%eth0]/app/manifests/v1", ns="[fe80::1%eth0]")
+
+
+@pytest.mark.parametrize(
+    "ns",
+    [
+        "registry.test:５０００",  # fullwidth digits: int() accepts them
+        "registry.test:٥٠٠٠",  # Arabic-Indic digits
+        "registry.test:²",
+        "[::1]:٥٠٠٠",
+        "registry.test:+80",
+        "registry.test: 80",
+        "registry.test:1_000",
+    ],
+)
+def test_registry_ports_are_ascii_digits_only(ns: str) -> None:
+    """A port written in Unicode digits used to be accepted and canonicalised to ASCII."""
+    with pytest.raises(NameInvalid):
+        parse("app/manifests/v1", ns=ns)
+
+
 # -- traversal (the parser sees the already percent-decoded path) ----------------------------------
 
 
