@@ -49,6 +49,8 @@ class Config:
     upstream_registry: str = "docker.io"
     insecure_registries: frozenset[str] = frozenset()
     allowed_registries: tuple[str, ...] = ("*",)
+    # None: the default, UPSTREAM_REGISTRY plus the explicit ALLOWED_REGISTRIES entries
+    credential_registries: tuple[str, ...] | None = None
     upstream_connect_timeout: float = 10.0
     upstream_read_timeout: float = 60.0
     fs_root: str = "/data/oci-cache"
@@ -89,6 +91,7 @@ class Config:
             upstream_registry=reader.registry("UPSTREAM_REGISTRY", "docker.io"),
             insecure_registries=frozenset(reader.registry_list("INSECURE_REGISTRIES")),
             allowed_registries=reader.patterns("ALLOWED_REGISTRIES"),
+            credential_registries=reader.optional_patterns("CREDENTIAL_REGISTRIES"),
             upstream_connect_timeout=reader.seconds("UPSTREAM_CONNECT_TIMEOUT", 10.0),
             upstream_read_timeout=reader.seconds("UPSTREAM_READ_TIMEOUT", 60.0),
             fs_root=reader.text("FS_ROOT", "/data/oci-cache"),
@@ -111,6 +114,14 @@ class Config:
             latest_ttl=reader.duration("LATEST_TTL", 3600.0),
             fs_max_bytes=reader.size("FS_MAX_BYTES"),
         )
+
+    @property
+    def credential_patterns(self) -> tuple[str, ...]:
+        """Where a client's credentials may go (§15): CREDENTIAL_REGISTRIES, else its default."""
+        if self.credential_registries is not None:
+            return self.credential_registries
+        explicit = tuple(p for p in self.allowed_registries if "*" not in p)
+        return tuple(dict.fromkeys((self.upstream_registry, *explicit)))
 
 
 def spool_dir(config: Config) -> str:
@@ -241,6 +252,14 @@ class _Reader:
             return [normalize_registry(item) for item in items]
         except RegistryError:
             raise ConfigError(name, value, "expected comma-separated host[:port]") from None
+
+    def optional_patterns(self, name: str) -> tuple[str, ...] | None:
+        value = self.raw(name)
+        if value is None:
+            return None
+        if not any(item.strip() for item in value.split(",")):
+            raise ConfigError(name, value, "expected host[:port] patterns with *")
+        return self.patterns(name)
 
     def patterns(self, name: str) -> tuple[str, ...]:
         value = self.raw(name) or "*"

@@ -172,6 +172,9 @@ def test_empty_boolean_uses_default() -> None:
         ("INSECURE_REGISTRIES", "ok.test:notaport"),
         ("ALLOWED_REGISTRIES", "registry.test/path"),
         ("ALLOWED_REGISTRIES", "*.test,user@x.test"),
+        ("CREDENTIAL_REGISTRIES", "registry.test/path"),
+        ("CREDENTIAL_REGISTRIES", "https://ghcr.io"),
+        ("CREDENTIAL_REGISTRIES", ",,"),
         ("UPSTREAM_CONNECT_TIMEOUT", "0"),
         ("UPSTREAM_CONNECT_TIMEOUT", "soon"),
         ("UPSTREAM_READ_TIMEOUT", "-5"),
@@ -228,6 +231,48 @@ def test_allowed_registries_patterns() -> None:
 
 def test_allowed_registries_wildcard_with_port() -> None:
     assert load(ALLOWED_REGISTRIES="*.test:5000").allowed_registries == ("*.test:5000",)
+
+
+# -- CREDENTIAL_REGISTRIES (§15) ---------------------------------------------------------------
+
+
+def test_credential_registries_default_is_upstream_plus_explicit_allowed_entries() -> None:
+    assert load().credential_registries is None
+    assert load().credential_patterns == ("docker.io",)
+    config = load(
+        UPSTREAM_REGISTRY="registry.test:5000",
+        ALLOWED_REGISTRIES="*.example.com, ghcr.io, registry.test:5000, index.docker.io",
+    )
+    assert config.credential_patterns == ("registry.test:5000", "ghcr.io", "docker.io")
+
+
+def test_credential_registries_explicit_patterns_are_normalised() -> None:
+    config = load(CREDENTIAL_REGISTRIES=" GHCR.IO, registry-1.docker.io ,*.corp.test:5000")
+    assert config.credential_patterns == ("ghcr.io", "docker.io", "*.corp.test:5000")
+    assert load(CREDENTIAL_REGISTRIES="*").credential_patterns == ("*",)
+    assert load(CREDENTIAL_REGISTRIES=" ").credential_registries is None, "blank is unset"
+
+
+def test_credential_registries_match_like_target_registries() -> None:
+    """Docker Hub is `docker.io` in a Target, whichever alias a setting used."""
+    from app.netguard import matches_allowlist
+    from app.oci import parse_target
+
+    config = load(UPSTREAM_REGISTRY="index.docker.io")
+    target = parse_target("alpine/manifests/3", ns=None, default_registry=config.upstream_registry)
+    assert matches_allowlist(target.registry, config.credential_patterns)
+    target = parse_target(
+        "registry-1.docker.io/library/alpine/manifests/3", ns=None, default_registry="x.test"
+    )
+    assert matches_allowlist(target.registry, config.credential_patterns)
+    assert not matches_allowlist("evil.test", config.credential_patterns)
+
+
+def test_credential_registries_default_follows_a_replaced_config() -> None:
+    """The default is derived, not frozen: a Config built in code gets it too."""
+    assert Config(proxy_mode="transparent", upstream_registry="a.test").credential_patterns == (
+        "a.test",
+    )
 
 
 def test_listen_addr_port_zero_means_any_free_port() -> None:
