@@ -22,6 +22,7 @@ _TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _DIGEST_RE = re.compile(r"sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128}")
 _LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _PORT_RE = re.compile(r"[0-9]{1,5}")
+_Q_ZERO_RE = re.compile(r"0(?:\.0{0,3})?")  # RFC 9110 §12.4.2 spellings of q=0
 _KEYWORDS = ("manifests", "blobs", "referrers", "tags")
 _MAX_NAME = 255
 
@@ -201,11 +202,9 @@ def _media_ranges(accept_values: list[str]) -> list[tuple[str, bool]]:
             refused = False
             for param in params.split(";"):
                 key, _, value = param.partition("=")
-                if key.strip().lower() == "q":
-                    try:
-                        refused = float(value.strip()) == 0
-                    except ValueError:
-                        refused = False
+                if key.strip(" \t").lower() == "q":
+                    # ASCII qvalue grammar only: float() also takes Unicode zeros, "_", "-0".
+                    refused = _Q_ZERO_RE.fullmatch(value.strip(" \t")) is not None
             ranges.append((media, not refused))
     return ranges
 

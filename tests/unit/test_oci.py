@@ -428,3 +428,14 @@ def test_wildcards() -> None:
 def test_matching_is_case_insensitive_and_ignores_stored_parameters() -> None:
     assert accepts([OCI_MANIFEST.upper()], OCI_MANIFEST)
     assert accepts([OCI_MANIFEST], f"{OCI_MANIFEST}; charset=utf-8")
+
+
+@pytest.mark.parametrize("q", ["٠", "０", "0_0", " 0.0000", "-0", "0e0", "0x0"])
+def test_q_values_outside_the_ascii_grammar_do_not_refuse(q: str) -> None:
+    """float() accepted Unicode zeros, '_', exponents and '-0' as q=0 (RFC 9110 §12.4.2)."""
+    assert accepts([f"{OCI_MANIFEST};q={q}"], OCI_MANIFEST)
+
+
+@pytest.mark.parametrize("q", ["0", "0.", "0.0", "0.000", " 0 ", "\t0.00"])
+def test_q_zero_spellings_in_the_grammar_refuse(q: str) -> None:
+    assert not accepts([f"{OCI_MANIFEST};q={q}"], OCI_MANIFEST)
