@@ -18,7 +18,7 @@ from app import metrics
 from app.errors import UpstreamUnavailable
 from app.oci import BLOB, Target
 from app.policy import IMMUTABLE, Action
-from app.storage import NotFound, ObjectMeta, Storage, StoreError, put
+from app.storage import NotFound, ObjectMeta, Storage, StoreError
 
 if TYPE_CHECKING:
     from app.config import Config
@@ -64,12 +64,10 @@ def cache_control(
 
 
 def refresh(storage: Storage, key: str, meta: ObjectMeta) -> ObjectMeta:
-    """Restart a tag's freshness: store it again with stored_at now (manifests are small)."""
+    """Restart a tag's freshness: rewrite only its sidecar's stored_at (SPEC §15), not the data."""
     fresh = replace(meta, stored_at=time.time())
     try:
-        with storage.open(key) as fh:
-            data = fh.read()
-        put(storage, key, [data], fresh)
+        storage.update_meta(key, fresh)
     except (NotFound, StoreError, OSError) as exc:
         log.warning("refreshing %s failed: %s", key, exc)
     return fresh

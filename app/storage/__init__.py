@@ -66,25 +66,49 @@ class ObjectMeta:
 class BlobWriter(Protocol):
     """A pending object: invisible until commit, gone after abort."""
 
-    def write(self, chunk: bytes) -> None: ...
+    def write(self, chunk: bytes) -> None:
+        """Append bytes; StoreError aborts the write."""
+        ...
 
-    def commit(self, meta: ObjectMeta) -> None: ...
+    def commit(self, meta: ObjectMeta) -> None:
+        """Store the data under keys.data(key, meta.digest), then the sidecar, atomically.
 
-    def abort(self) -> None: ...
+        No previous sidecar is removed first; a content-addressed key refuses another digest
+        (StoreError, the write aborted).
+        """
+        ...
+
+    def abort(self) -> None:
+        """Drop everything written; idempotent, never raises."""
+        ...
 
 
 class Storage(Protocol):
     """The one storage interface; both backends pass tests/unit/test_storage_contract.py."""
 
-    def stat(self, key: str) -> ObjectMeta: ...
+    def stat(self, key: str) -> ObjectMeta:
+        """The sidecar of a committed object; NotFound when there is none."""
+        ...
 
-    def open(self, key: str) -> BinaryIO: ...
+    def open(self, key: str, meta: ObjectMeta | None = None) -> BinaryIO:
+        """The data meta describes (the sidecar's when None); NotFound if missing or resized."""
+        ...
 
-    def writer(self, key: str) -> BlobWriter: ...
+    def writer(self, key: str) -> BlobWriter:
+        """Start a write nobody sees until commit."""
+        ...
 
-    def delete(self, key: str) -> None: ...
+    def update_meta(self, key: str, meta: ObjectMeta) -> None:
+        """Replace only the sidecar, atomically; NotFound unless data for meta.digest exists."""
+        ...
 
-    def presign(self, key: str, meta: ObjectMeta) -> str | None: ...
+    def delete(self, key: str) -> None:
+        """Remove the object: its sidecar first, then the data it names."""
+        ...
+
+    def presign(self, key: str, meta: ObjectMeta) -> str | None:
+        """A URL of the data meta describes, or None when the proxy serves it itself."""
+        ...
 
 
 def put(storage: Storage, key: str, chunks: Iterable[bytes], meta: ObjectMeta) -> None:

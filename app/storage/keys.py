@@ -2,13 +2,34 @@
 
 Every component here has been validated by app.oci, so keys never contain
 "..", empty segments or characters outside the registry grammars.
+
+Layout (relative to FS_ROOT or S3_PREFIX):
+
+  blobs/<alg>/<hex>                                        blob data (content-addressed)
+  manifests/<registry>/<name>/_digests/<alg>/<hex>         manifest by digest (content-addressed)
+  manifests/<registry>/<name>/_tags/<tag>/manifest         a tag's key (never a data object)
+  manifests/<registry>/<name>/_tags/<tag>/manifest.<alg>-<hex>
+                                                           the tag's data for one digest
+  <key>.meta.json                                          sidecar: commit marker and metadata
+
+The sidecar names the data it describes (SPEC §15): a content-addressed key's data is the
+key itself, since every writer stores identical bytes there; a tag's data is named after
+its digest, so two fills of one tag with different bytes never write the same object and
+the sidecar, replaced in one atomic step, always describes the data it names. Data of a
+tag that moved is left behind at commit and removed later by eviction (app/eviction.py).
+A tag's data name ends in "<alg>-<hex>", never in ".meta.json", and lives in the tag's
+own directory next to only its key and sidecar, so it collides with nothing.
 """
 
 from __future__ import annotations
 
+import re
+
 from app.oci import is_digest
 
 SIDECAR_SUFFIX = ".meta.json"
+_CONTENT_ADDRESSED = re.compile(r"(?:^blobs|/_digests)/(sha256|sha512)/([0-9a-f]+)$")
+_TAG_DATA = re.compile(r"^(.*/_tags/[^/]+/manifest)\.(sha256|sha512)-([0-9a-f]+)$")
 
 
 def _digest_path(digest: str) -> str:
@@ -34,3 +55,33 @@ def manifest(registry: str, name: str, reference: str) -> str:
 def sidecar(key: str) -> str:
     """The commit marker and metadata of an object."""
     return key + SIDECAR_SUFFIX
+
+
+def content_digest(key: str) -> str | None:
+    """The digest a content-addressed key (blob, manifest by digest) names; None for a tag."""
+    match = _CONTENT_ADDRESSED.search(key)
+    if match is None or not is_digest(f"{match[1]}:{match[2]}"):
+        return None
+    return f"{match[1]}:{match[2]}"
+
+
+def data(key: str, digest: str) -> str:
+    """The data object of key holding the bytes whose digest is digest (see the layout above).
+
+    ValueError when key is content-addressed by another digest: it can hold no other bytes.
+    """
+    own = content_digest(key)
+    if own is not None:
+        if own != digest:
+            raise ValueError(f"{key} holds {own}, not {digest}")
+        return key
+    algorithm, hex_part = _digest_path(digest).split("/", 1)
+    return f"{key}.{algorithm}-{hex_part}"
+
+
+def data_owner(data_key: str) -> tuple[str, str] | None:
+    """(key, digest) of a tag's digest-named data object; None for anything else."""
+    match = _TAG_DATA.match(data_key)
+    if match is None or not is_digest(f"{match[2]}:{match[3]}"):
+        return None
+    return match[1], f"{match[2]}:{match[3]}"

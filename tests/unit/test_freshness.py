@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +18,7 @@ from app import create_app, freshness, metrics
 from app.config import AUTHENTICATED, TRANSPARENT, Config
 from app.oci import MANIFEST, Target
 from app.storage import ObjectMeta, keys, put
+from app.storage.fs import FilesystemStorage
 
 REG, NAME = "registry.test", "org/app"
 UP = f"https://{REG}/v2/{NAME}/manifests"
@@ -107,9 +109,7 @@ def _age(app: Flask, seconds: float) -> None:
     storage = app.extensions["oci_proxy"].storage
     key = keys.manifest(REG, NAME, "v1")
     meta = storage.stat(key)
-    with storage.open(key) as fh:
-        data = fh.read()
-    put(storage, key, [data], replace(meta, stored_at=meta.stored_at - seconds))
+    storage.update_meta(key, replace(meta, stored_at=meta.stored_at - seconds))
 
 
 def _get(app: Flask) -> tuple[int, str, str]:
@@ -185,3 +185,26 @@ def test_authenticated_mode_refreshes_an_unchanged_stale_tag_on_its_check(
     assert _get(app)[2] == "public, max-age=2419200"
     mock.replace(responses.HEAD, f"{UP}/v1", body=requests.ConnectionError("down"))
     assert _get(app)[0] == 502, "authenticated mode never serves without upstream (§5)"
+
+
+def test_refresh_rewrites_only_the_sidecar(tmp_path: Path) -> None:
+    """SPEC §15: refreshing a tag's freshness rewrites only its timestamp, never its data."""
+    from app.freshness import refresh
+
+    storage = FilesystemStorage(str(tmp_path / "cache"))
+    key = keys.manifest(REG, NAME, "v1")
+    data = b'{"schemaVersion":2}'
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    old = ObjectMeta(digest, len(data), OCI, stored_at=1000.0, sources=(f"{REG}/{NAME}",))
+    put(storage, key, [data], old)
+    data_file = storage.path(keys.data(key, digest))
+    before = os.stat(data_file)
+    fresh = refresh(storage, key, old)
+    assert fresh.stored_at > 1000.0
+    assert storage.stat(key) == fresh == replace(old, stored_at=fresh.stored_at)
+    after = os.stat(data_file)
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    # Refreshing a digest the cache no longer holds changes nothing.
+    gone = replace(old, digest="sha256:" + "0" * 64)
+    refresh(storage, key, gone)
+    assert storage.stat(key) == fresh

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from app.storage import NotFound, ObjectMeta, Storage, keys, put
+from app.storage import NotFound, ObjectMeta, Storage, StoreError, keys, put
 from app.storage.fs import FilesystemStorage
 from app.storage.s3 import S3Storage
 from tests.e2e.harness.seaweed import SeaweedFS
@@ -121,9 +121,17 @@ def meta(data: bytes = b"hello", digest: str = DIGEST, **kwargs: object) -> Obje
     return ObjectMeta(**fields)  # type: ignore[arg-type]
 
 
-def read(storage: Storage, key: str) -> bytes:
-    with storage.open(key) as fh:
-        return fh.read()
+def read(storage: Storage, key: str, object_meta: ObjectMeta | None = None) -> bytes:
+    with storage.open(key, object_meta) as fh:
+        chunks = []
+        while block := fh.read(1 << 20):
+            chunks.append(block)
+        return b"".join(chunks)
+
+
+def own_digest(key: str) -> str:
+    """The digest a content-addressed key can hold; DIGEST for a tag."""
+    return keys.content_digest(key) or DIGEST
 
 
 def store(storage: Storage, key: str, data: bytes, object_meta: ObjectMeta) -> None:
@@ -161,7 +169,7 @@ def test_writer_is_invisible_before_commit(storage: Storage) -> None:
 @pytest.mark.parametrize("key", [BLOB, TAG, keys.manifest("docker.io", "library/alpine", OTHER)])
 def test_commit_makes_object_visible(storage: Storage, key: str) -> None:
     data = bytes(range(256)) * 40
-    expected = meta(data)
+    expected = meta(data, own_digest(key))
     store(storage, key, data, expected)
     assert storage.stat(key) == expected
     assert read(storage, key) == data
@@ -192,9 +200,12 @@ def test_abort_without_writes_and_twice(backend: Backend) -> None:
     assert backend.list_raw() == set()
 
 
-def test_committed_object_is_stored_under_its_key_and_sidecar_only(backend: Backend) -> None:
+def test_committed_object_is_stored_under_its_data_key_and_sidecar_only(backend: Backend) -> None:
     store(backend.storage, TAG, b"manifest", meta(b"manifest"))
-    assert backend.list_raw() == {TAG, keys.sidecar(TAG)}
+    assert backend.list_raw() == {f"{TAG}.sha256-{'ab' * 32}", keys.sidecar(TAG)}
+    store(backend.storage, BLOB, b"blob", meta(b"blob"))
+    assert keys.data(BLOB, DIGEST) == BLOB
+    assert {BLOB, keys.sidecar(BLOB)} <= backend.list_raw()
 
 
 def test_delete_removes_sidecar_and_data(backend: Backend) -> None:
@@ -302,8 +313,8 @@ def test_data_without_sidecar_does_not_exist(backend: Backend) -> None:
     ],
 )
 def test_keys_stay_inside_the_store(backend: Backend, key: str) -> None:
-    store(backend.storage, key, b"data", meta(b"data"))
-    assert backend.list_raw() == {key, keys.sidecar(key)}
+    store(backend.storage, key, b"data", meta(b"data", own_digest(key)))
+    assert backend.list_raw() == {keys.data(key, own_digest(key)), keys.sidecar(key)}
     assert read(backend.storage, key) == b"data"
 
 
@@ -361,3 +372,112 @@ def test_abort_after_large_write_leaves_nothing(backend: Backend) -> None:
     with pytest.raises(NotFound):
         backend.storage.stat(BLOB)
     assert backend.list_raw() == set()
+
+
+# -- SPEC §15: the sidecar names the exact data it describes --------------------------------
+
+
+def test_open_with_meta_reads_the_data_that_meta_describes(storage: Storage) -> None:
+    first = meta(b"first manifest", DIGEST)
+    store(storage, TAG, b"first manifest", first)
+    second = meta(b"second", OTHER)
+    store(storage, TAG, b"second", second)
+    assert storage.stat(TAG) == second
+    assert read(storage, TAG, second) == b"second"
+    assert read(storage, TAG) == b"second", "without meta: the sidecar's"
+    # A reader holding the earlier meta still gets the bytes it describes, never others.
+    assert read(storage, TAG, first) == b"first manifest"
+
+
+def test_open_with_meta_of_data_never_stored_is_not_found(storage: Storage) -> None:
+    store(storage, TAG, b"manifest", meta(b"manifest", DIGEST))
+    with pytest.raises(NotFound):
+        storage.open(TAG, meta(b"manifest", OTHER))
+
+
+def test_tag_holds_different_digests_over_time(storage: Storage) -> None:
+    for round_, (data, digest) in enumerate([(b"one", DIGEST), (b"two!", OTHER), (b"one", DIGEST)]):
+        object_meta = meta(data, digest, stored_at=1700000000.0 + round_)
+        store(storage, TAG, data, object_meta)
+        assert storage.stat(TAG) == object_meta
+        assert read(storage, TAG, object_meta) == data
+
+
+@pytest.mark.parametrize("key", [BLOB, keys.manifest("docker.io", "library/alpine", DIGEST)])
+def test_content_addressed_key_refuses_another_digest(backend: Backend, key: str) -> None:
+    writer = backend.storage.writer(key)
+    writer.write(b"other bytes")
+    with pytest.raises(StoreError):
+        writer.commit(meta(b"other bytes", OTHER))
+    assert backend.list_raw() == set(), "aborted: nothing stored"
+    with pytest.raises(StoreError):
+        put(backend.storage, key, [b"x"], meta(b"x", "sha512:" + "ab" * 64))
+    store(backend.storage, key, b"own", meta(b"own", DIGEST))
+    assert read(backend.storage, key) == b"own"
+
+
+def test_update_meta_replaces_only_the_sidecar(backend: Backend) -> None:
+    storage = backend.storage
+    old = meta(b"manifest")
+    store(storage, TAG, b"manifest", old)
+    before = backend.list_raw()
+    fresh = meta(b"manifest", stored_at=1800000000.5, sources=("registry.test/org/app",))
+    storage.update_meta(TAG, fresh)
+    assert storage.stat(TAG) == fresh, "every field round-trips, sources included"
+    assert read(storage, TAG, fresh) == b"manifest"
+    assert backend.list_raw() == before, "no data rewritten, nothing left behind"
+
+
+def test_update_meta_without_its_data_is_not_found(backend: Backend) -> None:
+    storage = backend.storage
+    with pytest.raises(NotFound):
+        storage.update_meta(TAG, meta(b"manifest"))
+    old = meta(b"manifest")
+    store(storage, TAG, b"manifest", old)
+    with pytest.raises(NotFound):
+        storage.update_meta(TAG, meta(b"other", OTHER))
+    with pytest.raises(NotFound):
+        storage.update_meta(TAG, meta(b"manifest plus", DIGEST))  # size disagrees
+    assert storage.stat(TAG) == old
+
+
+def test_sidecar_naming_missing_data_is_a_miss(backend: Backend) -> None:
+    store(backend.storage, TAG, b"manifest", meta(b"manifest", DIGEST))
+    backend.write_raw(keys.sidecar(TAG), meta(b"other", OTHER).to_json())
+    with pytest.raises(NotFound):
+        backend.storage.open(TAG)
+    with pytest.raises(NotFound):
+        backend.storage.open(TAG, meta(b"other", OTHER))
+
+
+@pytest.mark.parametrize("key", [BLOB, TAG])
+def test_data_of_another_size_than_its_sidecar_is_a_miss(backend: Backend, key: str) -> None:
+    object_meta = meta(b"manifest", DIGEST)
+    store(backend.storage, key, b"manifest", object_meta)
+    backend.write_raw(keys.data(key, DIGEST), b"manifest, longer")  # damaged, or another writer's
+    with pytest.raises(NotFound):
+        backend.storage.open(key, object_meta)
+    with pytest.raises(NotFound):
+        backend.storage.open(key)
+
+
+def test_sources_round_trip(storage: Storage) -> None:
+    object_meta = meta(sources=("docker.io/library/alpine", "ghcr.io/org/app"))
+    store(storage, BLOB, b"hello", object_meta)
+    assert storage.stat(BLOB) == object_meta
+
+
+def test_delete_removes_a_tags_data_too(backend: Backend) -> None:
+    store(backend.storage, TAG, b"manifest", meta(b"manifest"))
+    backend.storage.delete(TAG)
+    assert backend.list_raw() == set()
+
+
+def test_large_tag_goes_to_its_digests_name(backend: Backend) -> None:
+    """A tag bigger than one S3 part takes the temporary-upload path; nothing is left over."""
+    writer = backend.storage.writer(TAG)
+    for i in range(0, len(BIG), 1024 * 1024):
+        writer.write(BIG[i : i + 1024 * 1024])
+    writer.commit(meta(BIG))
+    assert backend.list_raw() == {keys.data(TAG, DIGEST), keys.sidecar(TAG)}
+    assert read(backend.storage, TAG, meta(BIG)) == BIG

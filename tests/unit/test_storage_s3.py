@@ -148,9 +148,10 @@ def test_complete_failure_aborts_the_upload(
     assert objects(client) == []
 
 
-def test_sidecar_failure_removes_the_data_too(
+def test_sidecar_failure_leaves_the_object_invisible(
     storage: S3Storage, client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The data stays (a concurrent committer's sidecar may name it) but nothing describes it."""
     real = client.put_object
 
     def no_sidecars(**kwargs: Any) -> Any:
@@ -161,7 +162,9 @@ def test_sidecar_failure_removes_the_data_too(
     monkeypatch.setattr(client, "put_object", no_sidecars)
     with pytest.raises(StoreError):
         write_all(storage, KEY, b"small").commit(meta(b"small"))
-    assert objects(client) == []
+    assert objects(client) == [f"{PREFIX}/{KEY}"]
+    with pytest.raises(NotFound):
+        storage.stat(KEY)
 
 
 def chunks_of(data: bytes, fail_after: int | None = None) -> Iterator[bytes]:
@@ -261,7 +264,7 @@ def test_range_read_fetches_only_the_range(
 ) -> None:
     write_all(storage, KEY, DATA).commit(meta())
     gets = record_calls(monkeypatch, client, "get_object")
-    with storage.open(KEY) as fh:
+    with storage.open(KEY, meta()) as fh:
         assert gets == [], "open must not download anything"
         fh.seek(10 * MiB)
         fh.limit(5)
