@@ -1,12 +1,17 @@
 """Bounded filesystem cache (SPEC §13): least-recently-used eviction down to 90 % of the bound.
 
-An object is a data file plus its sidecar. "Last used" is the later of the data file's
+An object is a sidecar plus the data file it names: a blob or digest manifest's data is
+its key, a tag's is "<key>.<alg>-<hex>" for the digest in its sidecar (app/storage/keys.py),
+so a tag that moved leaves its old data behind, unreferenced: like a data file whose
+sidecar never came, it is an orphan, removed once older than ORPHAN_AGE (a commit in
+progress is younger). Temp files are removed on the same terms, and only when no live
+writer holds their flock. "Last used" is the later of the data file's
 atime and mtime: the workers keep hits in memory and write them as atimes now and then
 (app/evictor.py), so a hit never costs a disk write. An object being served is held
 with a shared flock by FilesystemStorage.open; eviction takes an exclusive flock without
 waiting and skips what it cannot lock, so nothing being read is removed. (Were it
 removed, Linux would still let the open descriptor read the whole unlinked file.)
-Objects being written are temp files and are never looked at.
+Objects being written are temp files, flocked by their writer, and are never touched.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from app.storage.fs import TEMP_PREFIX
+from app.storage import NotFound, ObjectMeta, keys
+from app.storage.fs import TEMP_PREFIX, remove_dead_temp
 from app.storage.keys import SIDECAR_SUFFIX
 
 LOW_WATER = 0.9  # evict down to this fraction of the bound
@@ -31,9 +37,15 @@ _TREES = ("blobs", "manifests")
 class Entry:
     """One committed object in the cache."""
 
-    key: str  # storage key: the data file's path relative to FS_ROOT
+    key: str  # storage key: the sidecar's path relative to FS_ROOT, less ".meta.json"
     size: int  # data and sidecar bytes
     last_used: float
+    data: str = ""  # the data file the sidecar names, relative to FS_ROOT ("" means key)
+
+    @property
+    def data_key(self) -> str:
+        """The data file's path relative to FS_ROOT."""
+        return self.data or self.key
 
 
 @dataclass
@@ -83,8 +95,24 @@ def _files(root: str, skip: str | None) -> Iterator[tuple[str, os.stat_result]]:
                     yield path, os.stat(path, follow_symlinks=False)
 
 
+def _named_data(key: str, sidecar_path: str) -> str | None:
+    """The data key a sidecar names: the key itself if content-addressed, else from its JSON."""
+    if keys.content_digest(key) is not None:
+        return key
+    try:
+        with open(sidecar_path, "rb") as fh:
+            meta = ObjectMeta.from_json(fh.read())
+        return keys.data(key, meta.digest)
+    except (OSError, NotFound, ValueError):
+        return None  # gone or damaged: names nothing
+
+
 def scan(root: str, skip: str | None = None) -> tuple[list[Entry], list[str]]:
-    """The committed objects under root, and the paths of old orphans (data or sidecar alone)."""
+    """The committed objects under root, and the paths of old orphans.
+
+    Orphans: data no sidecar names, sidecars without their data, and temp files (dead
+    writers' only: sweep checks their flock), all older than ORPHAN_AGE.
+    """
     root = os.path.abspath(root)
     skip = os.path.abspath(skip) if skip else None
     data: dict[str, os.stat_result] = {}
@@ -97,21 +125,31 @@ def scan(root: str, skip: str | None = None) -> tuple[list[Entry], list[str]]:
             sidecars[path[: -len(SIDECAR_SUFFIX)]] = st
         else:
             data[path] = st
-    entries = [
-        Entry(
-            os.path.relpath(path, root).replace(os.sep, "/"),
-            st.st_size + sidecars[path].st_size,
-            max(st.st_atime, st.st_mtime),
+    entries: list[Entry] = []
+    named: set[str] = set()
+    lonely: list[str] = []  # sidecars whose data is missing
+    for path, side_st in sidecars.items():
+        key = os.path.relpath(path, root).replace(os.sep, "/")
+        data_key = _named_data(key, path + SIDECAR_SUFFIX)
+        data_path = os.path.join(root, *data_key.split("/")) if data_key else None
+        st = data.get(data_path) if data_path else None
+        if st is None:
+            if side_st.st_mtime < time.time() - ORPHAN_AGE:
+                lonely.append(path + SIDECAR_SUFFIX)
+            continue
+        named.add(data_path)  # type: ignore[arg-type]
+        entries.append(
+            Entry(
+                key,
+                st.st_size + side_st.st_size,
+                max(st.st_atime, st.st_mtime),
+                "" if data_key == key else data_key,  # type: ignore[arg-type]
+            )
         )
-        for path, st in data.items()
-        if path in sidecars
-    ]
     old = time.time() - ORPHAN_AGE
-    orphans = [p for p, st in data.items() if p not in sidecars and st.st_mtime < old]
+    orphans = [p for p, st in data.items() if p not in named and st.st_mtime < old]
     orphans += [p for p, st in temps.items() if st.st_mtime < old]
-    orphans += [
-        p + SIDECAR_SUFFIX for p, st in sidecars.items() if p not in data and st.st_mtime < old
-    ]
+    orphans += lonely
     return entries, orphans
 
 
@@ -133,7 +171,7 @@ def _locked(path: str) -> tuple[int | None, bool]:
 
 def in_use(root: str, entry: Entry) -> bool:
     """True while some reader holds the object open (FilesystemStorage.open's shared flock)."""
-    fd, busy = _locked(os.path.join(root, entry.key))
+    fd, busy = _locked(os.path.join(root, entry.data_key))
     if fd is not None:
         os.close(fd)
     return busy
@@ -141,18 +179,31 @@ def in_use(root: str, entry: Entry) -> bool:
 
 def remove(root: str, entry: Entry) -> bool:
     """Evict one object unless it is in use: sidecar first (it vanishes), then the data."""
-    path = os.path.join(root, entry.key)
+    path = os.path.join(root, entry.data_key)
     fd, busy = _locked(path)
     try:
         if busy:
             return False
-        for victim in (path + SIDECAR_SUFFIX, path):
+        for victim in (os.path.join(root, entry.key) + SIDECAR_SUFFIX, path):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(victim)
         return True
     finally:
         if fd is not None:
             os.close(fd)
+
+
+def _remove_orphan(path: str) -> bool:
+    """Unlink an orphan found by scan, unless it changed since (a commit reused its name)."""
+    if os.path.basename(path).startswith(TEMP_PREFIX):
+        return remove_dead_temp(path, ORPHAN_AGE)  # never one a live writer holds
+    try:
+        if os.stat(path).st_mtime >= time.time() - ORPHAN_AGE:
+            return False
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 @contextlib.contextmanager
@@ -180,9 +231,7 @@ def sweep(
     result = SweepResult(total=sum(entry.size for entry in entries))
     if not dry_run:
         for path in orphans:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        result.orphans = len(orphans)
+            result.orphans += _remove_orphan(path)
     if max_bytes is not None:
 
         def busy(entry: Entry) -> bool:

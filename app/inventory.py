@@ -18,7 +18,17 @@ _TAGS, _DIGESTS, _MANIFEST = "/_tags/", "/_digests/", "/manifest"
 
 
 def list_keys(storage: Storage, prefix: str) -> Iterator[str]:
-    """Every storage key under prefix (data and sidecars alike), in any order."""
+    """Every storage key under prefix (content-addressed data and sidecars), in any order.
+
+    A tag's digest-named data objects and in-progress uploads are not keys: left out.
+    """
+    for key in _list_raw(storage, prefix):
+        if keys.is_key(key):
+            yield key
+
+
+def _list_raw(storage: Storage, prefix: str) -> Iterator[str]:
+    """Every stored name under prefix."""
     from app.storage.fs import TEMP_PREFIX, FilesystemStorage
 
     if isinstance(storage, FilesystemStorage):

@@ -11,6 +11,7 @@ Layout (relative to FS_ROOT or S3_PREFIX):
   manifests/<registry>/<name>/_tags/<tag>/manifest.<alg>-<hex>
                                                            the tag's data for one digest
   <key>.meta.json                                          sidecar: commit marker and metadata
+  <key>.upload-<random>                                    S3 only: a large tag's upload in progress
 
 The sidecar names the data it describes (SPEC §15): a content-addressed key's data is the
 key itself, since every writer stores identical bytes there; a tag's data is named after
@@ -28,6 +29,7 @@ import re
 from app.oci import is_digest
 
 SIDECAR_SUFFIX = ".meta.json"
+UPLOAD_INFIX = ".upload-"
 _CONTENT_ADDRESSED = re.compile(r"(?:^blobs|/_digests)/(sha256|sha512)/([0-9a-f]+)$")
 _TAG_DATA = re.compile(r"^(.*/_tags/[^/]+/manifest)\.(sha256|sha512)-([0-9a-f]+)$")
 
@@ -85,3 +87,13 @@ def data_owner(data_key: str) -> tuple[str, str] | None:
     if match is None or not is_digest(f"{match[2]}:{match[3]}"):
         return None
     return match[1], f"{match[2]}:{match[3]}"
+
+
+def upload(key: str, token: str) -> str:
+    """A temporary object for a non-content-addressed key's multipart upload (S3)."""
+    return f"{key}{UPLOAD_INFIX}{token}"
+
+
+def is_key(name: str) -> bool:
+    """False for names that are not keys or sidecars: a tag's data, an upload in progress."""
+    return data_owner(name) is None and UPLOAD_INFIX not in name

@@ -188,7 +188,7 @@ class S3Writer:
         if keys.content_digest(key) is not None:
             self.upload_key = storage.object_key(key)
         else:
-            self.upload_key = storage.object_key(f"{key}.upload-{secrets.token_hex(8)}")
+            self.upload_key = storage.object_key(keys.upload(key, secrets.token_hex(8)))
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._upload_id: str | None = None

@@ -161,3 +161,74 @@ def test_evictor_run_records_the_total_and_evicts(tmp_path: Path) -> None:
     result = evictor.run()
     assert result is not None and [e.key for e in result.evicted] == [keys_[0]]
     assert evictor._state()["total"] == result.remaining
+
+
+def _commit_tag(storage: FilesystemStorage, tag: str, data: bytes) -> tuple[str, str]:
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    key = keys.manifest("registry.test", "org/app", tag)
+    put(storage, key, [data], ObjectMeta(digest, len(data), "application/json"))
+    return key, keys.data(key, digest)
+
+
+def test_a_tags_entry_is_its_sidecar_and_the_data_it_names(tmp_path: Path) -> None:
+    """SPEC §15: a tag's data is named by digest; data it moved away from is an orphan later."""
+    storage = FilesystemStorage(str(tmp_path / "cache"))
+    key, first = _commit_tag(storage, "v1", b"first manifest")
+    key, second = _commit_tag(storage, "v1", b"second manifest, longer")
+    entries, orphans = scan(storage.root)
+    assert [(e.key, e.data_key) for e in entries] == [(key, second)]
+    assert entries[0].size == len(b"second manifest, longer") + os.path.getsize(
+        storage.path(keys.sidecar(key))
+    )
+    assert orphans == [], "the old data may still be read by a hit that stat-ed it just now"
+    old = time.time() - ORPHAN_AGE - 10
+    os.utime(storage.path(first), (old, old))
+    os.utime(storage.path(second), (old, old))  # old but named by the sidecar: kept
+    result = sweep(storage.root, None)
+    assert result.orphans == 1
+    assert not os.path.exists(storage.path(first)) and os.path.exists(storage.path(second))
+    with storage.open(key) as fh:
+        assert fh.read() == b"second manifest, longer"
+
+
+def test_evicting_a_tag_removes_its_sidecar_and_named_data(tmp_path: Path) -> None:
+    storage = FilesystemStorage(str(tmp_path / "cache"))
+    key, data = _commit_tag(storage, "v1", b"m" * 1000)
+    blob = _commit(storage, b"b" * 1000, time.time())
+    os.utime(storage.path(data), (1, 1))  # least recently used
+    entry = next(e for e in scan(storage.root)[0] if e.key == key)
+    with storage.open(key):
+        assert in_use(storage.root, entry), "a reader of the tag's data holds it"
+    result = sweep(storage.root, 1500)
+    assert [e.key for e in result.evicted] == [key]
+    assert not os.path.exists(storage.path(data))
+    assert not os.path.exists(storage.path(keys.sidecar(key)))
+    assert os.path.exists(storage.path(blob))
+
+
+def test_a_tag_sidecar_naming_missing_data_is_an_orphan_not_an_entry(tmp_path: Path) -> None:
+    storage = FilesystemStorage(str(tmp_path / "cache"))
+    key, data = _commit_tag(storage, "v1", b"manifest")
+    os.unlink(storage.path(data))
+    legacy = Path(storage.path(key))  # data at the key itself, as before §15: unreferenced
+    legacy.write_bytes(b"manifest")
+    old = time.time() - ORPHAN_AGE - 10
+    for path in (storage.path(keys.sidecar(key)), str(legacy)):
+        os.utime(path, (old, old))
+    entries, orphans = scan(storage.root)
+    assert entries == []
+    assert sorted(orphans) == sorted([str(legacy), storage.path(keys.sidecar(key))])
+
+
+def test_a_live_writers_old_temp_file_is_not_swept(tmp_path: Path) -> None:
+    """Even past ORPHAN_AGE, a temp file whose writer holds its flock stays."""
+    storage = FilesystemStorage(str(tmp_path / "cache"))
+    writer = storage.writer(keys.blob("sha256:" + "ab" * 32))
+    writer.write(b"slow")
+    temp = writer._temp
+    assert temp is not None
+    old = time.time() - ORPHAN_AGE - 10
+    os.utime(temp, (old, old))
+    assert sweep(storage.root, None).orphans == 0 and os.path.exists(temp)
+    assert storage.sweep_temp(0) == 0 and os.path.exists(temp)
+    writer.abort()
