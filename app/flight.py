@@ -12,7 +12,9 @@ directory:
                a body of unknown length is only shared within the fetcher's worker
   <h>.<nonce>  the body as it arrives
 
-The fetcher removes these files before releasing the lock. A reader that runs dry
+The fetcher removes these files before releasing the lock; a fetcher killed before that
+leaves them, and sweep_leftovers (at start, and `oci-pull-through gc`) removes a
+flight's files only once it can take both of its locks itself. A reader that runs dry
 while the lock is free (or the spool unlinked) with bytes missing fails the
 response, so a failed leader never yields a short 200.
 """
@@ -26,6 +28,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -42,6 +45,10 @@ POLL = 0.01
 STATE_WAIT = 120.0
 FILL_GRACE = 5.0
 RECENT = 8  # chunks kept in memory per flight (at most 8 MiB)
+# <h>.lock, <h>.readers, <h>.state, <h>.state.<nonce> (being written), <h>.<nonce> (spool)
+_FLIGHT_FILE = re.compile(
+    r"([0-9a-f]{40})\.(?:lock|readers|state|state\.[0-9a-f]{16}|[0-9a-f]{16})"
+)
 
 
 class FlightError(Exception):
@@ -87,6 +94,7 @@ class Flights:
     def __init__(self, spool_dir: str) -> None:
         self.dir = os.path.abspath(spool_dir)
         os.makedirs(self.dir, exist_ok=True)
+        sweep_leftovers(self.dir)  # a worker starting may replace one that was killed
         self._wakeups: dict[str, gevent.event.Event] = {}
 
     def _base(self, key: str) -> str:
@@ -121,6 +129,55 @@ class Flights:
         event = self._wakeups.pop(base, None)
         if event is not None:
             event.set()
+
+
+def sweep_leftovers(spool_dir: str) -> int:
+    """Remove the files of flights no live process holds (their fetcher died); how many went.
+
+    A flight is left alone while its fetcher holds <h>.lock or any reader holds
+    <h>.readers. Other files in the directory (eviction state) are never touched.
+    """
+    spool_dir = os.path.abspath(spool_dir)
+    flights: dict[str, list[str]] = {}
+    try:
+        names = os.listdir(spool_dir)
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        match = _FLIGHT_FILE.fullmatch(name)
+        if match is not None:
+            flights.setdefault(match[1], []).append(name)
+    removed = 0
+    for h, files in flights.items():
+        removed += _sweep_flight(os.path.join(spool_dir, h), files)
+    return removed
+
+
+def _sweep_flight(base: str, files: list[str]) -> int:
+    """Remove one flight's files if both its locks can be taken now (as a finishing fetcher)."""
+    directory = os.path.dirname(base)
+    held: list[int] = []
+    try:
+        for suffix in (".lock", ".readers"):
+            # The lock is created if missing, as join() does: held by us, no new leader can
+            # start this flight while its files go.
+            flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
+            flags |= os.O_CREAT if suffix == ".lock" else 0
+            try:
+                fd = os.open(base + suffix, flags, 0o600)
+            except FileNotFoundError:
+                continue
+            held.append(fd)
+            if not _try_flock(fd, fcntl.LOCK_EX) or os.fstat(fd).st_ino != _inode(base + suffix):
+                return 0  # a live fetcher or reader (or the file was just replaced)
+        # Like SpoolWriter.close: everything else first, the lock last.
+        lock = os.path.basename(base) + ".lock"
+        victims = [name for name in files if name != lock] + [lock]
+        _remove(*(os.path.join(directory, name) for name in victims))
+        return len(files)
+    finally:
+        for fd in held:
+            os.close(fd)
 
 
 def _inode(path: str) -> int | None:

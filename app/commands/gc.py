@@ -1,11 +1,20 @@
-"""`oci-pull-through gc`: evict least-recently-used objects from the filesystem cache now."""
+"""`oci-pull-through gc`: remove crash leftovers, evict least-recently-used objects now.
+
+Leftovers (SPEC §15) are spool files of flights whose fetcher died and temp files of
+filesystem writers that died mid-write; files a live process holds (flocked) stay.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from typing import TYPE_CHECKING
 
 from app.units import format_bytes, parse_bytes
+
+if TYPE_CHECKING:
+    from app.config import Config
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"oci-pull-through: {error}", file=sys.stderr)
         return 1
+    if not args.dry_run:
+        print(f"removed {sweep_leftovers(config)} files left by dead processes")
     if config.storage_backend != "fs":
         print(
             "oci-pull-through gc: only the filesystem backend is bounded here; "
@@ -54,3 +65,16 @@ def run(args: argparse.Namespace) -> int:
         f"bound {format_bytes(max_bytes)}; {result.busy} in use kept"
     )
     return 0
+
+
+def sweep_leftovers(config: Config) -> int:
+    """Spool files of dead fetchers (any backend), temp files of dead fs writers: how many."""
+    from app.config import spool_dir
+    from app.flight import sweep_leftovers as sweep_spool
+    from app.storage.fs import sweep_temp_files
+
+    state = spool_dir(config)
+    removed = sweep_spool(state)
+    if config.storage_backend == "fs" and os.path.isdir(config.fs_root):
+        removed += sweep_temp_files(config.fs_root, 0.0, skip=state)
+    return removed
