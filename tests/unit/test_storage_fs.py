@@ -212,3 +212,34 @@ def test_adopt_links_the_verified_file_instead_of_copying(tmp_path: Path) -> Non
     assert data.read_bytes() == b"layer bytes"
     assert data.stat().st_ino == spool.stat().st_ino
     assert [p.name for p in data.parent.iterdir() if p.name.startswith(".tmp-")] == []
+
+
+def test_stat_checks_the_named_data_too(storage: FilesystemStorage) -> None:
+    """On disk the check is one stat(): a sidecar over missing or resized data is a miss."""
+    tag = keys.manifest("registry.test", "org/app", "v1")
+    writer = storage.writer(tag)
+    writer.write(b"hello")
+    writer.commit(META)
+    assert storage.stat(tag) == META
+    data = Path(storage.path(keys.data(tag, DIGEST)))
+    data.write_bytes(b"hello, longer")
+    with pytest.raises(NotFound):
+        storage.stat(tag)
+    data.unlink()
+    with pytest.raises(NotFound):
+        storage.stat(tag)
+
+
+def test_commit_replaces_the_sidecar_without_unlinking_it(
+    storage: FilesystemStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tag = keys.manifest("registry.test", "org/app", "v1")
+    for _ in range(2):
+        writer = storage.writer(tag)
+        writer.write(b"hello")
+        unlinked: list[str] = []
+        real_unlink = os.unlink
+        monkeypatch.setattr(fs_module.os, "unlink", lambda p: (unlinked.append(p), real_unlink(p)))
+        writer.commit(META)
+        monkeypatch.undo()
+        assert unlinked == []

@@ -307,3 +307,138 @@ def test_presign_is_sigv4_with_expiry_and_content_type(client: Any) -> None:
 
 def test_no_redirect_means_no_url(client: Any) -> None:
     assert S3Storage(client, BUCKET, PREFIX, redirect=False).presign(KEY, meta()) is None
+
+
+# -- SPEC §15: digest-named data, large tags through a temporary upload -----------------------
+
+TAG = keys.manifest("registry.test", "org/app", "v1")
+TAG_DATA = keys.data(TAG, DIGEST)
+
+
+def test_commit_never_deletes_the_previous_sidecar(
+    storage: S3Storage, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_all(storage, TAG, b"old").commit(meta(b"old", "sha256:" + "ab" * 32))
+    deletes = record_calls(monkeypatch, client, "delete_object")
+    new = meta(b"small")
+    write_all(storage, TAG, b"small").commit(new)
+    assert deletes == []
+    assert storage.stat(TAG) == new
+
+
+def test_large_tag_is_copied_from_a_temporary_upload_to_its_digests_name(
+    storage: S3Storage, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    created = record_calls(monkeypatch, client, "create_multipart_upload")
+    write_all(storage, TAG, DATA).commit(meta())
+    assert created[0]["Key"].startswith(f"{PREFIX}/{TAG}.upload-")
+    assert set(objects(client)) == {f"{PREFIX}/{TAG_DATA}", f"{PREFIX}/{keys.sidecar(TAG)}"}
+    assert uploads(client) == []
+    with storage.open(TAG, meta()) as fh:
+        assert fh.read() == DATA
+
+
+def test_copy_failure_leaves_nothing_and_the_old_tag_intact(
+    storage: S3Storage, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old = meta(b"old", "sha256:" + "ab" * 32)
+    write_all(storage, TAG, b"old").commit(old)
+
+    def fail(**kwargs: Any) -> Any:
+        raise client_error("InternalError", "CopyObject")
+
+    monkeypatch.setattr(client, "copy_object", fail)
+    with pytest.raises(StoreError, match="InternalError"):
+        write_all(storage, TAG, DATA).commit(meta())
+    assert uploads(client) == []
+    assert set(objects(client)) == {
+        f"{PREFIX}/{keys.data(TAG, old.digest)}",
+        f"{PREFIX}/{keys.sidecar(TAG)}",
+    }, "the temporary object was deleted"
+    assert storage.stat(TAG) == old
+
+
+def test_failed_cleanup_of_the_temporary_upload_fails_the_commit_visibly(
+    storage: S3Storage, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deleting the temporary object fails: no sidecar is written, the copy stays unnamed."""
+    real = client.delete_object
+
+    def no_deletes(**kwargs: Any) -> Any:
+        if ".upload-" in kwargs["Key"]:
+            raise client_error("SlowDown", "DeleteObject", 503)
+        return real(**kwargs)
+
+    monkeypatch.setattr(client, "delete_object", no_deletes)
+    with pytest.raises(StoreError):
+        write_all(storage, TAG, DATA).commit(meta())
+    with pytest.raises(NotFound):
+        storage.stat(TAG)
+    assert uploads(client) == []
+
+
+def test_complete_failure_of_a_large_tag_aborts_its_temporary_upload(
+    storage: S3Storage, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(**kwargs: Any) -> Any:
+        raise client_error("InternalError", "CompleteMultipartUpload")
+
+    monkeypatch.setattr(client, "complete_multipart_upload", fail)
+    with pytest.raises(StoreError):
+        write_all(storage, TAG, DATA).commit(meta())
+    assert uploads(client) == [] and objects(client) == []
+
+
+def test_content_addressed_key_refuses_another_digest_and_aborts_its_upload(
+    storage: S3Storage, client: Any
+) -> None:
+    writer = write_all(storage, KEY, DATA)
+    assert uploads(client) != []
+    with pytest.raises(StoreError):
+        writer.commit(meta(digest="sha256:" + "00" * 32))
+    assert uploads(client) == [] and objects(client) == []
+
+
+def test_open_checks_the_data_size_with_the_head_it_already_does(
+    storage: S3Storage, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_all(storage, TAG, b"small").commit(meta(b"small"))
+    client.put_object(Bucket=BUCKET, Key=f"{PREFIX}/{keys.data(TAG, DIGEST)}", Body=b"smal")
+    heads = record_calls(monkeypatch, client, "head_object")
+    gets = record_calls(monkeypatch, client, "get_object")
+    with pytest.raises(NotFound):
+        storage.open(TAG, meta(b"small"))
+    assert len(heads) == 1 and gets == []
+
+
+def test_update_meta_is_one_put_of_the_sidecar(
+    storage: S3Storage, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_all(storage, TAG, b"small").commit(meta(b"small"))
+    puts = record_calls(monkeypatch, client, "put_object")
+    fresh = meta(b"small", stored_at=123.0, sources=("registry.test/org/app",))
+    storage.update_meta(TAG, fresh)
+    assert [p["Key"] for p in puts] == [f"{PREFIX}/{keys.sidecar(TAG)}"]
+    assert storage.stat(TAG) == fresh
+
+
+def test_update_meta_failure_is_a_store_error_and_keeps_the_old_sidecar(
+    storage: S3Storage, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old = meta(b"small")
+    write_all(storage, TAG, b"small").commit(old)
+
+    def fail(**kwargs: Any) -> Any:
+        raise client_error("SlowDown", "PutObject", 503)
+
+    monkeypatch.setattr(client, "put_object", fail)
+    with pytest.raises(StoreError):
+        storage.update_meta(TAG, meta(b"small", stored_at=5.0))
+    monkeypatch.undo()
+    assert storage.stat(TAG) == old
+
+
+def test_presign_names_the_digests_data(client: Any) -> None:
+    storage = S3Storage(client, BUCKET, PREFIX)
+    url = storage.presign(TAG, meta())
+    assert url is not None and f"/{PREFIX}/{TAG}.sha256-{DIGEST.split(':')[1]}?" in url
