@@ -234,12 +234,17 @@ def test_commit_replaces_the_sidecar_without_unlinking_it(
     storage: FilesystemStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tag = keys.manifest("registry.test", "org/app", "v1")
+    unlinked: list[str] = []
+    real_unlink = os.unlink
+
+    def recording_unlink(path: str) -> None:
+        unlinked.append(path)
+        real_unlink(path)
+
+    monkeypatch.setattr(fs_module.os, "unlink", recording_unlink)
     for _ in range(2):
         writer = storage.writer(tag)
         writer.write(b"hello")
-        unlinked: list[str] = []
-        real_unlink = os.unlink
-        monkeypatch.setattr(fs_module.os, "unlink", lambda p: (unlinked.append(p), real_unlink(p)))
         writer.commit(META)
-        monkeypatch.undo()
-        assert unlinked == []
+    assert unlinked == []
+    assert storage.stat(tag) == META
