@@ -54,6 +54,7 @@ def _token_secret(config: Config) -> bytes:
 
 def create_app(config: Config | None = None) -> Flask:
     """Build the application: configuration, storage, upstream client and blueprints."""
+    from app import metrics
     from app.blueprints import ops, token, v2
     from app.config import Config, spool_dir
     from app.errors import RegistryError
@@ -66,6 +67,14 @@ def create_app(config: Config | None = None) -> Flask:
 
     config = config or Config.from_env()
     configure_logging(config)
+    metrics.know_registries(
+        [
+            config.upstream_registry,
+            *config.allowed_registries,
+            *config.insecure_registries,
+            *(getattr(config, "credential_registries", None) or ()),
+        ]
+    )
     app = Flask(__name__)
     app.config["OCI_CONFIG"] = config
     app.config["OCI_LOG_JSON"] = config.log_format == "json"
@@ -75,7 +84,16 @@ def create_app(config: Config | None = None) -> Flask:
     app.extensions["oci_proxy"] = Proxy(config, storage, upstream, flights)
     app.extensions["oci_tokens"] = TokenProxy(config, upstream, Sealer(_token_secret(config)))
     if config.storage_backend == "fs":  # FS_MAX_BYTES and the cache size gauge (§13)
+        import threading
+
         from app.evictor import Evictor
+
+        # Temp files of writers that died (a live writer holds a lock on its own): §15.
+        threading.Thread(
+            target=storage.sweep_temp,  # type: ignore[attr-defined]
+            kwargs={"skip": spool_dir(config)},
+            daemon=True,
+        ).start()
 
         evictor = Evictor(storage, spool_dir(config), config.fs_max_bytes)  # type: ignore[arg-type]
         app.extensions["oci_evictor"] = evictor

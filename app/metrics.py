@@ -7,6 +7,8 @@ them. Without it (flask run, unit tests) the figures are this process's own.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -113,10 +115,26 @@ def redirected(size: int) -> None:
     SERVED_BYTES.labels("redirect").inc(size)
 
 
+OTHER = "other"
+_known_registries: frozenset[str] = frozenset()
+
+
+def know_registries(registries: Iterable[str]) -> None:
+    """The registries the configuration names: the only ones that become label values."""
+    global _known_registries
+    _known_registries = frozenset(r for r in registries if "*" not in r)
+
+
+def registry_label(registry: str) -> str:
+    """A client chooses the registry it names; labels must not grow with its choices (§15)."""
+    return registry if registry in _known_registries else OTHER
+
+
 def upstream_answered(registry: str, status: int | str, seconds: float) -> None:
     """Count one upstream request and how long its headers took."""
-    UPSTREAM_REQUESTS.labels(registry, str(status)).inc()
-    UPSTREAM_LATENCY.labels(registry, str(status)).observe(seconds)
+    label = registry_label(registry)
+    UPSTREAM_REQUESTS.labels(label, str(status)).inc()
+    UPSTREAM_LATENCY.labels(label, str(status)).observe(seconds)
 
 
 def fill_finished(kind: str, outcome: str) -> None:

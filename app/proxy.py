@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Callable
+from typing import TypeVar
 
 import gevent
 import requests
@@ -16,14 +18,24 @@ from app import freshness, metrics, policy, serve
 from app.config import AUTHENTICATED, Config
 from app.errors import RegistryError, UpstreamUnavailable
 from app.flight import FlightGone, Flights, Head, SpoolWriter, Uncoalescible
-from app.oci import BLOB, TAGS, Target, accepts
+from app.oci import BLOB, MANIFEST, TAGS, Target, accepts
 from app.policy import Action
 from app.reply import MISS, Reply
 from app.storage import NotFound, ObjectMeta, Storage, StoreError, keys, put
 from app.tee import CLIENT_GONE, COMMITTED, DIGEST_MISMATCH, STORE_ERROR, TRUNCATED, fill
-from app.upstream import ClientHeaders, Upstream, iter_body, raw_chunks
+from app.upstream import (
+    MAX_ERROR_BODY,
+    ClientHeaders,
+    TooLarge,
+    Upstream,
+    iter_body,
+    raw_chunks,
+    read_limited,
+)
 
 log = logging.getLogger("oci_pull_through.proxy")
+T = TypeVar("T")
+ClientGoneCheck = Callable[[], bool] | None
 
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 FILL_WAIT = 600.0  # how long a finished download waits for the store before letting go
@@ -37,9 +49,12 @@ def _header(response: requests.Response, name: str) -> str | None:
     return response.headers.get(name)
 
 
+_LENGTH = re.compile(r"[0-9]{1,18}")
+
+
 def _content_length(response: requests.Response) -> int | None:
     value = response.headers.get("Content-Length", "")
-    return int(value) if value.isdigit() else None
+    return int(value) if _LENGTH.fullmatch(value) else None
 
 
 class Proxy:
@@ -68,8 +83,11 @@ class Proxy:
 
     # -- manifests ------------------------------------------------------------------------
 
-    def manifest(self, target: Target, method: str, client: ClientHeaders) -> Reply:
-        """A manifest by tag or digest (§5, §6)."""
+    def manifest(
+        self, target: Target, method: str, client: ClientHeaders, gone: ClientGoneCheck = None
+    ) -> Reply:
+        """A manifest by tag or digest (§5, §6, §15)."""
+        self.upstream.check_allowed(target.registry)  # before the cache: §15
         key = keys.manifest(target.registry, target.name, target.reference)
         cacheable = policy.is_cacheable(target, self.config)
         meta = self._lookup(key) if cacheable else None
@@ -101,27 +119,41 @@ class Proxy:
             action = policy.plan(self.config.proxy_mode, method, False, cacheable)
         if action is Action.FORWARD_AND_FILL and method == "GET":
             # A cached copy that brought us here (moved or stale upstream) must not be served.
-            return self._coalesced_manifest(target, key, client, meta.digest if meta else None)
+            return self._coalesced_manifest(
+                target, key, client, meta.digest if meta else None, gone
+            )
         response = self._send(method, target, client)
-        return self._forward(response, method, target.registry)
+        return self._forward(response, method, target)
 
     def _store_manifest(
-        self, target: Target, key: str, response: requests.Response, data: bytes, length: int
+        self,
+        target: Target,
+        key: str,
+        client: ClientHeaders,
+        response: requests.Response,
+        data: bytes,
+        length: int | None,
     ) -> None:
-        """Store a verified manifest under its key and, for a tag, under its digest too."""
+        """Store a verified manifest under its digest and, for a tag, under the tag too.
+
+        Only an answer to a client that accepts indexes and image manifests alike becomes
+        the tag's entry (§15 "Tags"); a narrower one is kept by digest only.
+        """
         digest = self._verified_manifest_digest(target, response, data, length)
         if digest is None:
-            metrics.fill_finished("manifest", TRUNCATED if len(data) != length else DIGEST_MISMATCH)
+            wrong_size = length is not None and len(data) != length
+            metrics.fill_finished("manifest", TRUNCATED if wrong_size else DIGEST_MISMATCH)
             return
         meta = ObjectMeta(
             digest=digest,
             size=len(data),
-            media_type=response.headers.get("Content-Type", ""),
-            headers=tuple(policy.storable_headers(response.headers.items())),
+            media_type=policy.media_type(MANIFEST, response.headers.get("Content-Type")),
+            headers=tuple(self._stored_headers(MANIFEST, response)),
+            sources=(f"{target.registry}/{target.name}",),
         )
-        stores = [key]
-        if not target.is_digest:
-            stores.append(keys.manifest(target.registry, target.name, digest))
+        stores = [keys.manifest(target.registry, target.name, digest)]
+        if not target.is_digest and policy.may_write_tag(client.accept):
+            stores.append(key)
         try:
             for store_key in stores:
                 put(self.storage, store_key, [data], meta)
@@ -131,10 +163,10 @@ class Proxy:
             metrics.fill_finished("manifest", STORE_ERROR)
 
     def _verified_manifest_digest(
-        self, target: Target, response: requests.Response, data: bytes, length: int
+        self, target: Target, response: requests.Response, data: bytes, length: int | None
     ) -> str | None:
         """The digest to store under, or None when the bytes cannot be trusted."""
-        if len(data) != length:
+        if length is not None and len(data) != length:
             log.warning(
                 "manifest %s: %d bytes, Content-Length %d; not cached",
                 target.reference,
@@ -158,10 +190,13 @@ class Proxy:
 
     # -- blobs ----------------------------------------------------------------------------
 
-    def blob(self, target: Target, method: str, client: ClientHeaders) -> Reply:
+    def blob(
+        self, target: Target, method: str, client: ClientHeaders, gone: ClientGoneCheck = None
+    ) -> Reply:
         """A blob: always cached, served with sendfile or a presigned redirect on a hit."""
+        self.upstream.check_allowed(target.registry)  # before the cache: §15
         key = keys.blob(target.reference)
-        meta = self._lookup(key)
+        meta = self._usable_blob(target, key)
         action = policy.plan(self.config.proxy_mode, method, meta is not None, True)
         if action is Action.CHECK_THEN_SERVE and meta is not None:
             check = self._send("HEAD", target, client, follow_redirects=True)
@@ -175,9 +210,28 @@ class Proxy:
                 return reply
             action = policy.plan(self.config.proxy_mode, method, False, True)
         if action is Action.FORWARD_AND_FILL and method == "GET" and not client.range:
-            return self._coalesced_blob(target, key, client)
+            return self._coalesced_blob(target, key, client, gone)
         response = self._send(method, target, client, forward_range=True, follow_redirects=True)
-        return self._forward(response, method, target.registry)
+        return self._forward(response, method, target)
+
+    def _usable_blob(self, target: Target, key: str) -> ObjectMeta | None:
+        """The cached blob this request may be served from, before any upstream check.
+
+        In authenticated mode only a blob verified through this very (registry, repository)
+        counts: a digest is no secret, and another registry answering HEAD 200 proves
+        nothing about who may read bytes fetched with someone else's credentials (§15).
+        """
+        meta = self._lookup(key)
+        if meta is None or self.config.proxy_mode != AUTHENTICATED:
+            return meta
+        return meta if _source(target) in meta.sources else None
+
+    def _flight_key(self, target: Target, key: str) -> str:
+        """Who may share a download: one registry in transparent mode, one repository in
+        authenticated mode, so no party's upstream ever answers for another's."""
+        if self.config.proxy_mode == AUTHENTICATED:
+            return f"{key}|{_source(target)}"
+        return f"{key}|{target.registry}"
 
     def _coalesced(
         self,
@@ -186,6 +240,7 @@ class Proxy:
         client: ClientHeaders,
         from_cache: Callable[[], Reply | None],
         fetch: Callable[[SpoolWriter], None],
+        gone: ClientGoneCheck = None,
     ) -> Reply:
         """A miss joins the instance's single flight for the object (app/flight.py)."""
         redirects = target.kind == BLOB
@@ -204,16 +259,16 @@ class Proxy:
                 if check.status_code != 200:
                     ticket.release()
                     response = self._send("GET", target, client, follow_redirects=redirects)
-                    return self._forward(response, "GET", target.registry)
+                    return self._forward(response, "GET", target)
             try:
-                head, spool_fd = ticket.head()
+                head, spool_fd = _watching(gone, ticket.head)
             except FlightGone:
                 ticket.release()
                 continue
             except Uncoalescible:
                 ticket.release()
                 response = self._send("GET", target, client, follow_redirects=redirects)
-                return self._forward(response, "GET", target.registry)
+                return self._forward(response, "GET", target)
             except BaseException:
                 ticket.release()
                 raise
@@ -223,27 +278,41 @@ class Proxy:
             return Reply(head.status, head.headers, body, outcome=MISS)
         raise UpstreamUnavailable(target.registry, "the download kept failing; try again")
 
-    def _coalesced_blob(self, target: Target, key: str, client: ClientHeaders) -> Reply:
-        """A blob miss: one download per instance, every client streams it."""
+    def _coalesced_blob(
+        self, target: Target, key: str, client: ClientHeaders, gone: ClientGoneCheck
+    ) -> Reply:
+        """A blob miss: one download per instance and registry, every client streams it."""
 
         def from_cache() -> Reply | None:
-            meta = self._lookup(key)
+            meta = self._usable_blob(target, key)
             if meta is None:
                 return None
+            if self.config.proxy_mode == AUTHENTICATED:
+                # Committed while this client waited: it still proves its own access.
+                check = self._send("HEAD", target, client, follow_redirects=True)
+                check.close()
+                if check.status_code != 200:
+                    return None  # its own GET upstream answers it
             return serve.blob_from_cache(
                 self.storage, self.config, target, key, meta, "GET", client
             )
 
         return self._coalesced(
             target,
-            key,
+            self._flight_key(target, key),
             client,
             from_cache,
             lambda spool: self._fetch_blob(target, key, client, spool),
+            gone,
         )
 
     def _coalesced_manifest(
-        self, target: Target, key: str, client: ClientHeaders, replaced: str | None
+        self,
+        target: Target,
+        key: str,
+        client: ClientHeaders,
+        replaced: str | None,
+        gone: ClientGoneCheck = None,
     ) -> Reply:
         """A manifest miss: one fetch per instance and distinct Accept (it shapes the answer)."""
         accept = ",".join(sorted(m.strip() for a in client.accept for m in a.split(",")))
@@ -254,6 +323,12 @@ class Proxy:
                 return None
             if not (target.is_digest or accepts(list(client.accept), meta.media_type)):
                 return None
+            if self.config.proxy_mode == AUTHENTICATED:
+                # Committed while this client waited: it still proves its own access.
+                check = self._send("HEAD", target, client)
+                check.close()
+                if check.status_code != 200:
+                    return None
             return serve.manifest_from_cache(self.storage, self.config, target, key, meta, "GET")
 
         return self._coalesced(
@@ -262,43 +337,45 @@ class Proxy:
             client,
             from_cache,
             lambda spool: self._fetch_manifest(target, key, client, spool),
+            gone,
         )
 
     def _fetch_manifest(
         self, target: Target, key: str, client: ClientHeaders, spool: SpoolWriter
     ) -> None:
-        """The flight's fetcher for a manifest: read whole, verified and stored before anyone
-        sees it, so a client's follow-up request by digest is already a hit."""
+        """The flight's fetcher for a manifest: read whole (at most 4 MiB), verified and stored
+        before anyone sees it, so a client's follow-up request by digest is already a hit."""
         try:
             response = self._send("GET", target, client)
         except RegistryError as error:
             spool.fail_before_head(error)
             return
         with response:
-            length = _content_length(response)
-            head = Head(
-                response.status_code, policy.forwardable_headers(response.headers.items()), length
-            )
-            small = length is not None and length <= MAX_MANIFEST_BYTES
-            if response.status_code == 200 and small:
-                try:
-                    data = b"".join(raw_chunks(response))
-                except Exception as exc:  # truncated or reset: nothing reached a client yet
-                    spool.fail_before_head(UpstreamUnavailable(target.registry, f"{exc}"))
-                    return
-                self._store_manifest(target, key, response, data, length or 0)
-                spool.publish(head)
-                spool.write(data)
-                spool.end(len(data) == length)
-                return
-            spool.publish(head)
+            ok = response.status_code == 200
+            limit = MAX_MANIFEST_BYTES if ok else MAX_ERROR_BODY
             try:
-                for chunk in raw_chunks(response):
-                    spool.write(chunk)
-            except Exception as exc:
-                log.warning("upstream manifest %s failed: %s", target.reference, exc)
-                spool.end(False, TRUNCATED)
+                data = _read_while_wanted(response, limit, spool.has_readers)
+            except TooLarge:
+                what = "manifest" if ok else "error body"
+                spool.fail_before_head(
+                    UpstreamUnavailable(target.registry, f"{what} larger than {limit} bytes")
+                )
                 return
+            except Exception as exc:  # truncated or reset: nothing reached a client yet
+                spool.fail_before_head(UpstreamUnavailable(target.registry, f"{exc}"))
+                return
+            if data is None:  # every client left: abandoned (§15)
+                spool.fail_before_head(UpstreamUnavailable(target.registry, "every client left"))
+                metrics.fill_finished("manifest", CLIENT_GONE)
+                return
+            if ok:
+                self._store_manifest(target, key, client, response, data, _content_length(response))
+                headers = policy.registry_headers(MANIFEST, response.headers.items())
+            else:
+                headers = _without_length(policy.forwardable_headers(response.headers.items()))
+            headers.append(("Content-Length", str(len(data))))
+            spool.publish(Head(response.status_code, headers, len(data)))
+            spool.write(data)
             spool.end(True)
 
     def _fetch_blob(
@@ -312,11 +389,12 @@ class Proxy:
             return
         with response:
             length = _content_length(response)
-            headers = policy.forwardable_headers(response.headers.items())
+            if response.status_code != 200:
+                self._publish_error(target, response, spool)
+                return
+            headers = policy.registry_headers(BLOB, response.headers.items(), lengths=True)
             spool.publish(Head(response.status_code, headers, length))
-            filler = None
-            if response.status_code == 200:
-                filler = gevent.spawn(self._fill_blob, target, key, response, spool)
+            filler = gevent.spawn(self._fill_blob, target, key, response, spool)
             try:
                 for chunk in raw_chunks(response):
                     spool.write(chunk)
@@ -328,17 +406,41 @@ class Proxy:
             except Exception as exc:
                 log.warning("upstream body of %s failed: %s", target.reference[:19], exc)
                 spool.end(False, TRUNCATED)
-        if filler is not None and not filler.join(timeout=FILL_WAIT) and not filler.dead:
+        if not filler.join(timeout=FILL_WAIT) and not filler.dead:
             log.warning("store still writing %s after %.0fs", target.reference[:19], FILL_WAIT)
+
+    def _publish_error(
+        self, target: Target, response: requests.Response, spool: SpoolWriter
+    ) -> None:
+        """An upstream error answer, body capped at 64 KiB, to every reader of the flight."""
+        try:
+            data = read_limited(response, MAX_ERROR_BODY)
+        except TooLarge:
+            spool.fail_before_head(UpstreamUnavailable(target.registry, "error body too large"))
+            return
+        except Exception as exc:
+            spool.fail_before_head(UpstreamUnavailable(target.registry, f"{exc}"))
+            return
+        headers = _without_length(policy.forwardable_headers(response.headers.items()))
+        headers.append(("Content-Length", str(len(data))))
+        spool.publish(Head(response.status_code, headers, len(data)))
+        spool.write(data)
+        spool.end(True)
 
     def _fill_blob(
         self, target: Target, key: str, response: requests.Response, spool: SpoolWriter
     ) -> None:
-        stored = tuple(policy.storable_headers(response.headers.items()))
-        media_type = response.headers.get("Content-Type", "application/octet-stream")
+        stored = tuple(self._stored_headers(BLOB, response))
+        media_type = policy.media_type(BLOB, response.headers.get("Content-Type"))
 
         def make_meta(digest: str, size: int) -> ObjectMeta:
-            return ObjectMeta(digest=digest, size=size, media_type=media_type, headers=stored)
+            # Sources verified earlier stay (a lost race only forgets one: fails closed).
+            earlier = self._lookup(key)
+            known = earlier.sources if earlier is not None and earlier.digest == digest else ()
+            sources = tuple(dict.fromkeys((*known, _source(target))))
+            return ObjectMeta(
+                digest=digest, size=size, media_type=media_type, headers=stored, sources=sources
+            )
 
         try:
             writer = self.storage.writer(key)
@@ -356,6 +458,15 @@ class Proxy:
         log.info("cache fill %s: %s", target.reference[:19], result)
         metrics.fill_finished("blob", result)
 
+    @staticmethod
+    def _stored_headers(kind: str, response: requests.Response) -> list[tuple[str, str]]:
+        """What a sidecar keeps of upstream's headers: the §15 allowlist, no lengths."""
+        return [
+            (k, v)
+            for k, v in policy.registry_headers(kind, response.headers.items())
+            if k.lower() != "content-type"
+        ]
+
     # -- pass-through -----------------------------------------------------------------------
 
     def passthrough(
@@ -363,7 +474,7 @@ class Proxy:
     ) -> Reply:
         """tags/list and referrers go straight to upstream, uncached."""
         response = self._send("GET", target, client, params=params)
-        reply = self._forward(response, "GET", target.registry)
+        reply = self._forward(response, "GET", target)
         if target.kind == TAGS and target.client_name != target.name:
             reply.headers = [
                 (k, v.replace(f"/v2/{target.name}/", f"/v2/{target.client_name}/"))
@@ -412,9 +523,84 @@ class Proxy:
             follow_redirects=follow_redirects,
         )
 
-    def _forward(self, response: requests.Response, method: str, registry: str) -> Reply:
-        headers = policy.forwardable_headers(response.headers.items())
+    def _forward(self, response: requests.Response, method: str, target: Target) -> Reply:
+        """Upstream's own answer: a 2xx blob or manifest with the §15 headers only; manifests
+        and error bodies read whole up to their caps, blobs and listings streamed."""
+        status = response.status_code
+        ok = 200 <= status < 300
+        if ok and target.kind in (BLOB, MANIFEST):
+            headers = policy.registry_headers(target.kind, response.headers.items(), lengths=True)
+        else:
+            headers = policy.forwardable_headers(response.headers.items())
         if method == "HEAD":
             response.close()
-            return Reply(response.status_code, headers)
-        return Reply(response.status_code, headers, iter_body(response, registry))
+            return Reply(status, headers)
+        if ok and target.kind != MANIFEST:
+            return Reply(status, headers, iter_body(response, target.registry))
+        limit = MAX_MANIFEST_BYTES if ok else MAX_ERROR_BODY
+        with response:
+            try:
+                data = read_limited(response, limit)
+            except TooLarge:
+                what = "manifest" if ok else "error body"
+                raise UpstreamUnavailable(
+                    target.registry, f"{what} larger than {limit} bytes"
+                ) from None
+            except Exception as exc:
+                raise UpstreamUnavailable(target.registry, f"body failed: {exc}") from None
+        return Reply(status, [*_without_length(headers), ("Content-Length", str(len(data)))], data)
+
+
+def _source(target: Target) -> str:
+    """The (registry, repository) a request names, as recorded in a blob's sources."""
+    return f"{target.registry}/{target.name}"
+
+
+def _without_length(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in headers if k.lower() != "content-length"]
+
+
+def _read_while_wanted(
+    response: requests.Response, limit: int, wanted: Callable[[], bool]
+) -> bytes | None:
+    """The body up to limit bytes (TooLarge past it), or None once nobody wants it."""
+    parts: list[bytes] = []
+    size = 0
+    for chunk in raw_chunks(response, min(limit + 1, 1024 * 1024)):
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"more than {limit} bytes")
+        parts.append(chunk)
+        if not wanted():
+            return None
+    return b"".join(parts)
+
+
+class ClientGone(RegistryError):
+    """The client hung up while waiting: its place in the flight is given up."""
+
+    status, code = 499, "CLIENT_GONE"
+
+
+CLIENT_POLL = 0.25
+
+
+def _watching(gone: ClientGoneCheck, wait: Callable[[], T]) -> T:
+    """Run wait() while watching the client: ClientGone as soon as it hangs up, so a fetch
+    that every client has left is abandoned (§15)."""
+    if gone is None:
+        return wait()
+    waiter = gevent.getcurrent()
+
+    def watch() -> None:
+        while True:
+            gevent.sleep(CLIENT_POLL)
+            if gone():
+                gevent.kill(waiter, ClientGone("the client went away"))
+                return
+
+    watcher = gevent.spawn(watch)
+    try:
+        return wait()
+    finally:
+        watcher.kill(block=False)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
-from app import freshness, metrics
+from app import freshness, metrics, policy
 from app.config import Config
 from app.oci import BLOB, Target
 from app.ranges import Unsatisfiable, parse_range
@@ -20,11 +21,15 @@ _REPLAYED_BY_US = frozenset(
 
 
 def replay_headers(target: Target, meta: ObjectMeta, config: Config) -> list[tuple[str, str]]:
-    """Stored upstream headers plus ours: length, digest, freshness, ranges."""
-    headers = [(k, v) for k, v in meta.headers if k.lower() not in _REPLAYED_BY_US]
-    if not any(k.lower() == "content-type" for k, _ in headers):
-        headers.append(("Content-Type", meta.media_type or "application/octet-stream"))
+    """Stored upstream headers (the §15 allowlist, also for sidecars written before it) plus
+    ours: type, length, digest, freshness, ranges."""
+    headers = [
+        (k, v)
+        for k, v in policy.registry_headers(target.kind, meta.headers)
+        if k.lower() not in _REPLAYED_BY_US and k.lower() != "content-type"
+    ]
     headers += [
+        ("Content-Type", policy.media_type(target.kind, meta.media_type)),
         ("Content-Length", str(meta.size)),
         ("Docker-Content-Digest", meta.digest),
         ("Cache-Control", freshness.cache_control(target, meta, config)),
@@ -39,7 +44,7 @@ def manifest_from_cache(
 ) -> Reply | None:
     """A cached manifest, or None when it cannot be read (the caller goes upstream)."""
     try:
-        with storage.open(key) as fh:
+        with storage.open(key, meta) as fh:
             data = fh.read() if method == "GET" else b""
     except (NotFound, StoreError) as exc:
         log.warning("cached manifest %s unreadable (%s); going upstream", key, exc)
@@ -59,7 +64,8 @@ def blob_from_cache(
     """A cached blob: 307 to S3, or a file span with Range support; None to go upstream."""
     headers = replay_headers(target, meta, config)
     try:
-        url = storage.presign(key, meta) if method == "GET" else None  # HEAD: sidecar
+        shown = replace(meta, media_type=policy.media_type(target.kind, meta.media_type))
+        url = storage.presign(key, shown) if method == "GET" else None  # HEAD: sidecar
     except StoreError as exc:
         log.warning("presigning %s failed (%s); going upstream", key, exc)
         return None
@@ -82,7 +88,7 @@ def blob_from_cache(
     if method == "HEAD":
         return Reply(200, headers, outcome=HIT)
     try:
-        fh = storage.open(key)
+        fh = storage.open(key, meta)
     except (NotFound, StoreError) as exc:
         log.warning("cached blob %s unreadable (%s); going upstream", key, exc)
         return None

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Callable
+
 from flask import Blueprint, Response, current_app, request
 
 from app.blueprints.token import token_proxy, token_realm, with_proxy_challenge
@@ -48,6 +51,24 @@ def client_headers() -> ClientHeaders:
     )
 
 
+def client_gone_check() -> Callable[[], bool] | None:
+    """Under gunicorn: whether this client has hung up (a peek at its socket, never a read)."""
+    sock = request.environ.get("gunicorn.socket")
+    raw = getattr(sock, "_sock", sock)  # gevent's wrapper would wait instead of answering
+    if raw is None:
+        return None
+
+    def gone() -> bool:
+        try:
+            return raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+
+    return gone
+
+
 @bp.route("/v2/", methods=_ALL_METHODS)
 def version_check() -> Response:
     """The API version check (§5 /v2/ rows)."""
@@ -70,9 +91,9 @@ def registry(rest: str) -> Response:
     proxy = _proxy()
     client = token_proxy().credentials_for(client_headers(), target.registry)
     if target.kind == MANIFEST:
-        reply = proxy.manifest(target, request.method, client)
+        reply = proxy.manifest(target, request.method, client, client_gone_check())
     elif target.kind == BLOB:
-        reply = proxy.blob(target, request.method, client)
+        reply = proxy.blob(target, request.method, client, client_gone_check())
     else:
         if request.method != "GET":
             raise Unsupported(f"{request.method} is not supported on {target.kind}")

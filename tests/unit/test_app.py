@@ -30,6 +30,10 @@ BLOB_PATH = f"/v2/{NAME}/blobs/{BLOB_DIGEST}"
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+EVERY_MANIFEST_TYPE = (
+    f"{OCI_INDEX}, {OCI_MANIFEST}, application/vnd.docker.distribution.manifest.list.v2+json, "
+    "application/vnd.docker.distribution.manifest.v2+json"
+)
 MANIFEST = json.dumps(
     {
         "schemaVersion": 2,
@@ -223,7 +227,7 @@ def test_blob_miss_then_hit(client: FlaskClient, mock: responses.RequestsMock) -
     assert second.headers["Docker-Content-Digest"] == BLOB_DIGEST
     assert second.headers["ETag"] == f'"{BLOB_DIGEST}"'
     assert second.headers["Content-Type"] == "application/octet-stream"
-    assert second.headers["X-Upstream"] == "yes"
+    assert "X-Upstream" not in second.headers  # §15: the registry's own headers only
     assert second.headers["Cache-Control"] == IMMUTABLE
     assert second.headers["Docker-Distribution-API-Version"] == API_VERSION
     assert "Set-Cookie" not in second.headers
@@ -450,7 +454,7 @@ def test_tag_manifest_miss_is_stored_under_tag_and_digest(
     client: FlaskClient, mock: responses.RequestsMock
 ) -> None:
     upstream_manifest(mock)
-    first = fetch(client, f"/v2/{NAME}/manifests/v1", headers={"Accept": OCI_MANIFEST})
+    first = fetch(client, f"/v2/{NAME}/manifests/v1", headers={"Accept": EVERY_MANIFEST_TYPE})
     assert (first.status, first.data) == (200, MANIFEST)
     assert first.headers["Docker-Content-Digest"] == MANIFEST_DIGEST
     assert len(mock.calls) == 1
@@ -467,6 +471,20 @@ def test_tag_manifest_miss_is_stored_under_tag_and_digest(
     assert by_tag.headers["Content-Length"] == str(len(MANIFEST))
     assert by_tag.headers["Docker-Distribution-API-Version"] == API_VERSION
     assert len(mock.calls) == 1
+
+
+def test_a_narrow_accept_answer_is_stored_by_digest_only(
+    client: FlaskClient, mock: responses.RequestsMock
+) -> None:
+    """§15 Tags: a registry may pick one platform for such a client; not the tag's entry."""
+    upstream_manifest(mock)
+    fetch(client, f"/v2/{NAME}/manifests/v1", headers={"Accept": OCI_MANIFEST})
+    by_digest = fetch(client, f"/v2/{NAME}/manifests/{MANIFEST_DIGEST}")
+    assert (by_digest.status, by_digest.data, len(mock.calls)) == (200, MANIFEST, 1)
+    fetch(client, f"/v2/{NAME}/manifests/v1", headers={"Accept": EVERY_MANIFEST_TYPE})
+    assert len(mock.calls) == 2, "the tag was not cached from the narrow answer"
+    fetch(client, f"/v2/{NAME}/manifests/v1", headers={"Accept": OCI_MANIFEST})
+    assert len(mock.calls) == 2, "the full answer is the tag's entry"
 
 
 def test_manifest_head_hit(client: FlaskClient, mock: responses.RequestsMock) -> None:
@@ -598,7 +616,7 @@ def test_per_user_headers_are_not_replayed(
 ) -> None:
     upstream_manifest(mock, **{"Set-Cookie": "s=1", "WWW-Authenticate": "Bearer realm=x"})
     first = fetch(client, f"/v2/{NAME}/manifests/v1")
-    assert first.headers["Set-Cookie"] == "s=1"  # the requesting client may see its own
+    assert "Set-Cookie" not in first.headers  # §15: not even to the client that fetched it
     hit = fetch(client, f"/v2/{NAME}/manifests/v1")
     assert len(mock.calls) == 1
     assert "Set-Cookie" not in hit.headers

@@ -8,11 +8,12 @@ from app.config import AUTHENTICATED, TRANSPARENT, Config
 from app.oci import BLOB, MANIFEST, REFERRERS, TAGS, Target
 from app.policy import (
     Action,
-    cache_control,
     forwardable_headers,
     is_cacheable,
+    may_write_tag,
+    media_type,
     plan,
-    storable_headers,
+    registry_headers,
 )
 
 DIGEST = "sha256:" + "12" * 32
@@ -104,16 +105,6 @@ def test_passthrough_endpoints_are_never_cacheable() -> None:
     assert not is_cacheable(target(REFERRERS, DIGEST), cfg)
 
 
-# -- Cache-Control (§6) ----------------------------------------------------------------------------
-
-
-def test_cache_control_values() -> None:
-    assert cache_control(target(BLOB, DIGEST)) == "public, max-age=31536000, immutable"
-    assert cache_control(target(MANIFEST, DIGEST)) == "public, max-age=31536000, immutable"
-    assert cache_control(target(MANIFEST, "v1.2.3")) == "public, max-age=2419200"
-    assert cache_control(target(MANIFEST, "latest")) == "public, max-age=3600"
-
-
 # -- header filtering ------------------------------------------------------------------------------
 
 HOP_BY_HOP = [
@@ -159,7 +150,6 @@ def test_headers_named_in_connection_are_dropped() -> None:
         ("X-Kept", "yes"),
     ]
     assert forwardable_headers(headers) == [("X-Kept", "yes")]
-    assert storable_headers(headers) == [("X-Kept", "yes")]
 
 
 def test_forwardable_keeps_per_user_headers_for_this_client() -> None:
@@ -167,25 +157,100 @@ def test_forwardable_keeps_per_user_headers_for_this_client() -> None:
     assert forwardable_headers(headers) == headers
 
 
-def test_storable_never_keeps_per_user_headers() -> None:
-    headers = [
-        ("Set-Cookie", "session=1"),
-        ("set-cookie", "other=2"),
-        ("WWW-Authenticate", "Bearer realm=x"),
-        ("Authorization", "Bearer t"),
-        *END_TO_END,
-    ]
-    result = storable_headers(headers)
-    assert names(result).isdisjoint({"set-cookie", "www-authenticate", "authorization"})
-    for pair in END_TO_END:
-        assert pair in result
+# -- §15 replayed headers: a fixed allowlist -------------------------------------------------------
+
+HOSTILE = [
+    ("Set-Cookie", "session=1"),
+    ("WWW-Authenticate", "Bearer realm=x"),
+    ("Authorization", "Bearer t"),
+    ("Content-Encoding", "gzip"),
+    ("Content-Disposition", "attachment; filename=x.html"),
+    ("Refresh", "0; url=http://evil.example/"),
+    ("Link", "<http://evil.example/>"),
+    ("X-Anything", "1"),
+    ("Docker-Distribution-API-Version", "registry/2.0"),
+]
 
 
-def test_storable_drops_hop_by_hop() -> None:
-    assert names(storable_headers(HOP_BY_HOP + END_TO_END)) == names(END_TO_END)
+@pytest.mark.parametrize("kind", [BLOB, MANIFEST])
+def test_only_registry_headers_are_kept(kind: str) -> None:
+    kept = registry_headers(kind, HOSTILE + HOP_BY_HOP + END_TO_END)
+    assert names(kept) == {"content-type", "docker-content-digest", "etag", "accept-ranges"}
+    assert ("ETag", f'"{DIGEST}"') in kept
 
 
-def test_header_order_and_duplicates_preserved() -> None:
-    headers = [("Link", "<a>"), ("Content-Type", "x"), ("Link", "<b>")]
-    assert forwardable_headers(headers) == headers
-    assert storable_headers(headers) == headers
+def test_lengths_are_kept_only_when_asked() -> None:
+    headers = [("Content-Length", "5"), ("Content-Range", "bytes 0-4/10")]
+    assert names(registry_headers(BLOB, headers)) == {"content-type"}
+    assert names(registry_headers(BLOB, headers, lengths=True)) == {
+        "content-type",
+        "content-length",
+        "content-range",
+    }
+
+
+def test_registry_headers_of_manifests_only() -> None:
+    headers = [("OCI-Subject", DIGEST), ("Docker-Content-Digest", DIGEST), ("X-Other", "1")]
+    assert names(registry_headers(MANIFEST, headers)) == {
+        "oci-subject",
+        "docker-content-digest",
+        "content-type",
+    }
+    assert names(registry_headers(BLOB, headers)) == {"docker-content-digest", "content-type"}
+
+
+def test_header_values_with_control_characters_are_dropped() -> None:
+    assert names(registry_headers(BLOB, [("ETag", "a\x00b")])) == {"content-type"}
+
+
+@pytest.mark.parametrize(
+    ("kind", "value", "shown"),
+    [
+        (BLOB, "application/vnd.oci.image.layer.v1.tar+gzip", None),
+        (BLOB, "application/vnd.docker.image.rootfs.diff.tar.gzip", None),
+        (BLOB, "application/vnd.oci.image.config.v1+json", None),
+        (BLOB, "application/octet-stream", None),
+        (BLOB, "text/html", "application/octet-stream"),
+        (BLOB, "application/javascript", "application/octet-stream"),
+        (BLOB, "application/vnd.oci.image.layer.v1.tar; charset=x<script>", None),
+        (BLOB, None, "application/octet-stream"),
+        (MANIFEST, "application/vnd.oci.image.index.v1+json", None),
+        (MANIFEST, "application/vnd.docker.distribution.manifest.v1+prettyjws", None),
+        (MANIFEST, "application/json", None),
+        (MANIFEST, "text/html", "application/octet-stream"),
+        (MANIFEST, "image/svg+xml", "application/octet-stream"),
+    ],
+)
+def test_media_type_is_a_registry_type(kind: str, value: str | None, shown: str | None) -> None:
+    expected = shown or (value or "").split(";")[0]
+    assert media_type(kind, value) == expected
+    assert dict(registry_headers(kind, [("Content-Type", value or "")]))["Content-Type"] == expected
+
+
+# -- §15 tags: only a client taking every index and image manifest type writes a tag ----------
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+
+
+@pytest.mark.parametrize(
+    ("accept", "allowed"),
+    [
+        ([], True),
+        (["*/*"], True),
+        (["application/*"], True),
+        ([f"{OCI_INDEX}, {OCI_MANIFEST}"], False),  # a Docker list could be narrowed
+        ([DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST], True),  # as skopeo sends
+        ([DOCKER_LIST, DOCKER_MANIFEST], False),  # an OCI index could be narrowed for it
+        ([f"{DOCKER_LIST}, {OCI_MANIFEST}"], False),
+        ([DOCKER_MANIFEST], False),  # distribution answers with one platform
+        ([OCI_MANIFEST, DOCKER_MANIFEST], False),
+        ([OCI_INDEX], False),
+        ([f"{OCI_INDEX}, {OCI_MANIFEST};q=0"], False),
+        ([f"*/*, {OCI_INDEX};q=0"], False),
+    ],
+)
+def test_may_write_tag(accept: list[str], allowed: bool) -> None:
+    assert may_write_tag(accept) is allowed
