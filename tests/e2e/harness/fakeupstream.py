@@ -6,7 +6,7 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -24,6 +24,19 @@ class Behaviour:
     stall_for: float = 0.0
     chunk: int = 65536
     delay_per_chunk: float = 0.0
+    # A body generated lazily (after `body`), so a huge answer costs the fake no memory;
+    # stream_length is the Content-Length to announce (None: close-delimited, no length).
+    stream: Callable[[], Iterator[bytes]] | None = None
+    stream_length: int | None = None
+
+
+def filler(size: int, block: int = 1024 * 1024, byte: bytes = b"a") -> Iterator[bytes]:
+    """size bytes of one repeated byte, a block at a time (for huge bodies)."""
+    piece = byte * block
+    left = size
+    while left > 0:
+        yield piece[: min(block, left)]
+        left -= block
 
 
 class FakeUpstream:
@@ -33,6 +46,10 @@ class FakeUpstream:
         self.routes: dict[str, Behaviour] = {}
         self.requests: list[tuple[str, str]] = []
         self.on_request: Callable[[str, str], None] | None = None
+        # (method, path with query, request headers) of every request, for assertions
+        self.received: list[tuple[str, str, dict[str, str]]] = []
+        # consulted before routes: (method, path, headers) -> a Behaviour, or None for routes
+        self.responder: Callable[[str, str, dict[str, str]], Behaviour | None] | None = None
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -50,9 +67,22 @@ class FakeUpstream:
             def _answer(self, head: bool) -> None:
                 path = self.path.split("?", 1)[0]
                 fake.requests.append((self.command, self.path))
-                b = fake.routes.get(path) or (
-                    Behaviour(status=200, body=b"{}") if path == "/v2/" else Behaviour(status=404)
+                fake.received.append((self.command, self.path, dict(self.headers.items())))
+                scripted = fake.responder and fake.responder(
+                    self.command, path, dict(self.headers.items())
                 )
+                b = (
+                    scripted
+                    or fake.routes.get(path)
+                    or (
+                        Behaviour(status=200, body=b"{}")
+                        if path == "/v2/"
+                        else Behaviour(status=404)
+                    )
+                )
+                if b.stream is not None:
+                    self._stream(b, head)
+                    return
                 time.sleep(b.stall_before_headers)
                 self.send_response(b.status)
                 headers = {"Content-Length": str(len(b.body)), **b.headers}
@@ -78,6 +108,29 @@ class FakeUpstream:
                 except OSError:
                     return
                 if b.truncate_at is not None:
+                    self.close_connection = True
+
+            def _stream(self, b: Behaviour, head: bool) -> None:
+                assert b.stream is not None
+                self.send_response(b.status)
+                headers = dict(b.headers)
+                if b.stream_length is not None:
+                    headers["Content-Length"] = str(len(b.body) + b.stream_length)
+                else:
+                    headers["Connection"] = "close"
+                    self.close_connection = True
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                if head:
+                    return
+                try:
+                    if b.body:
+                        self.wfile.write(b.body)
+                    for piece in b.stream():
+                        self.wfile.write(piece)
+                    self.wfile.flush()
+                except OSError:
                     self.close_connection = True
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
