@@ -11,6 +11,7 @@ from app.upstream import ClientHeaders, Upstream, parse_bearer_challenge
 
 SERVICE = "oci-pull-through"
 BEARER, BASIC, NONE = "bearer", "basic", "none"
+MAX_CHALLENGES = 1024
 
 
 @dataclass(frozen=True)
@@ -38,10 +39,14 @@ def parse_challenge(status: int, header: str | None) -> Challenge | None:
 
 @dataclass
 class ChallengeCache:
-    """Upstream challenges per registry for ttl seconds (no credentials are ever kept here)."""
+    """Upstream challenges per registry for ttl seconds (no credentials are ever kept here).
+
+    Bounded (§15): at most max_entries registries; expired ones go first, then the oldest.
+    """
 
     upstream: Upstream
     ttl: float = 60.0
+    max_entries: int = MAX_CHALLENGES
     _known: dict[str, tuple[Challenge, float]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -49,7 +54,10 @@ class ChallengeCache:
         """The registry's challenge; raises UpstreamUnavailable or Denied."""
         with self._lock:
             known = self._known.get(registry)
-        if known is not None and known[1] > time.monotonic():
+            if known is not None and known[1] <= time.monotonic():
+                del self._known[registry]
+                known = None
+        if known is not None:
             return known[0]
         response = self.upstream.send("GET", registry, "/v2/", ClientHeaders(), token_dance=False)
         with response:
@@ -58,9 +66,22 @@ class ChallengeCache:
             )
         if challenge is None:
             raise UpstreamUnavailable(registry, f"/v2/ answered {response.status_code}")
-        with self._lock:
-            self._known[registry] = (challenge, time.monotonic() + self.ttl)
+        self._remember(registry, challenge)
         return challenge
+
+    def _remember(self, registry: str, challenge: Challenge) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._known.pop(registry, None)
+            if len(self._known) >= self.max_entries:
+                for key in [k for k, (_, until) in self._known.items() if until <= now]:
+                    del self._known[key]
+            while len(self._known) >= self.max_entries:
+                del self._known[next(iter(self._known))]  # the oldest
+            self._known[registry] = (challenge, now + self.ttl)
+
+    def __len__(self) -> int:
+        return len(self._known)
 
 
 def _quote(value: str) -> str:

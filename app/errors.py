@@ -52,6 +52,12 @@ class Denied(RegistryError):
     status, code = 403, "DENIED"
 
 
+class TooManyScopes(RegistryError):
+    """A token request past the §15 bounds (scopes, registries): refused before any I/O."""
+
+    status, code = 400, "DENIED"
+
+
 class Unsupported(RegistryError):
     status, code = 405, "UNSUPPORTED"
 

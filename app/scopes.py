@@ -9,8 +9,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from app.errors import NameInvalid
+from app.errors import NameInvalid, TooManyScopes
 from app.oci import resolve_repository
+
+MAX_SCOPES = 10
+MAX_REGISTRIES = 5
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,12 @@ def parse_scopes(
     """Every repository scope of a token request; other scope types are ignored.
 
     Each `scope` parameter may hold several scopes separated by spaces (OAuth2 style).
+    Bounded work (§15): more than MAX_SCOPES scopes (of any type, as sent) or
+    MAX_REGISTRIES distinct registries is TooManyScopes, before any upstream I/O.
     """
+    items = [scope for value in values for scope in value.split()]
+    if len(items) > MAX_SCOPES:
+        raise TooManyScopes(f"a token request may carry at most {MAX_SCOPES} scopes")
     found: list[RepositoryScope] = []
     for value in values:
         for scope in value.split():
@@ -63,6 +71,8 @@ def parse_scopes(
             resolved = resolve_scope_name(parts[1], ns=ns, default_registry=default_registry)
             if resolved not in found:
                 found.append(resolved)
+    if len({scope.registry for scope in found}) > MAX_REGISTRIES:
+        raise TooManyScopes(f"a token request may name at most {MAX_REGISTRIES} registries")
     return found
 
 

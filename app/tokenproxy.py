@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import json
 import logging
 from dataclasses import dataclass, replace
 
 import requests
+from urllib3.exceptions import HTTPError
 
 from app.challenge import BASIC, BEARER, ChallengeCache
 from app.config import TRANSPARENT, Config
@@ -25,7 +27,7 @@ from app.tokens import BASIC as GRANT_BASIC
 from app.tokens import BEARER as GRANT_BEARER
 from app.tokens import NONE as GRANT_NONE
 from app.tokens import Grant, Sealer, is_proxy_token
-from app.upstream import ClientHeaders, Upstream
+from app.upstream import MAX_TOKEN_BODY, ClientHeaders, TooLarge, Upstream, read_limited
 
 log = logging.getLogger("oci_pull_through.tokens")
 MIN_TTL = 10
@@ -124,6 +126,8 @@ class TokenProxy:
         self, registry: str, scopes: list[RepositoryScope], creds: Credentials | None
     ) -> tuple[Grant, int | None]:
         self.upstream.check_allowed(registry)
+        if not self.upstream.may_send_credentials(registry):
+            creds = None  # §15: not to its /v2/, not to its realm; the grant is anonymous
         try:
             challenge = self.challenges.get(registry)
             if challenge.scheme == BEARER:
@@ -155,6 +159,7 @@ class TokenProxy:
                 headers=headers,
                 timeout=self.upstream.timeout,
                 allow_redirects=False,
+                stream=True,
             )
         except BlockedAddress as exc:
             raise Denied(f"token realm of {registry} refused: {exc}") from None
@@ -168,9 +173,15 @@ class TokenProxy:
             if reply.status_code != 200:
                 raise UpstreamUnavailable(registry, f"token realm answered {reply.status_code}")
             try:
-                body = reply.json()
+                body = json.loads(read_limited(reply, MAX_TOKEN_BODY))
+            except TooLarge:
+                raise UpstreamUnavailable(
+                    registry, f"token answer larger than {MAX_TOKEN_BODY} bytes"
+                ) from None
             except ValueError:
                 raise UpstreamUnavailable(registry, "token realm sent no JSON") from None
+            except (requests.RequestException, HTTPError, OSError):
+                raise UpstreamUnavailable(registry, "token answer failed") from None
         value = body.get("token") or body.get("access_token") if isinstance(body, dict) else None
         if not isinstance(value, str) or not value:
             raise UpstreamUnavailable(registry, "token realm sent no token")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import requests
+from urllib3.exceptions import HTTPError
 
 from app import metrics
 from app.config import TRANSPARENT, Config
@@ -17,6 +19,7 @@ from app.netguard import BlockedAddress, Guard, GuardedAdapter, matches_allowlis
 from app.oci import api_host
 
 CHUNK_SIZE = 1024 * 1024
+MAX_CACHED_TOKENS = 1024
 _CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"([^"]*)"|([^\s,]+))')
 
 
@@ -39,9 +42,13 @@ class _Token:
 
 @dataclass
 class TokenCache:
-    """Anonymous Bearer tokens per (registry, scope), dropped shortly before they expire."""
+    """Anonymous Bearer tokens per (registry, scope), dropped shortly before they expire.
+
+    Bounded (§15): at most max_entries tokens; expired ones go first, then the oldest.
+    """
 
     margin: float = 10.0
+    max_entries: int = MAX_CACHED_TOKENS
     _tokens: dict[tuple[str, str], _Token] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -57,8 +64,18 @@ class TokenCache:
     def put(self, registry: str, scope: str, value: str, expires_in: float) -> None:
         """Remember a token for its lifetime less the safety margin."""
         lifetime = max(0.0, expires_in - min(self.margin, expires_in / 2))
+        now = time.monotonic()
         with self._lock:
-            self._tokens[(registry, scope)] = _Token(value, time.monotonic() + lifetime)
+            self._tokens.pop((registry, scope), None)
+            if len(self._tokens) >= self.max_entries:
+                for key in [k for k, t in self._tokens.items() if t.expires_at <= now]:
+                    del self._tokens[key]
+            while len(self._tokens) >= self.max_entries:
+                del self._tokens[next(iter(self._tokens))]  # the oldest
+            self._tokens[(registry, scope)] = _Token(value, now + lifetime)
+
+    def __len__(self) -> int:
+        return len(self._tokens)
 
     def drop(self, registry: str, scope: str) -> None:
         """Forget a token upstream rejected."""
@@ -116,6 +133,21 @@ def read_limited(response: requests.Response, limit: int) -> bytes:
     return b"".join(parts)
 
 
+def keep_error_body(response: requests.Response, registry: str) -> None:
+    """Read an error answer into memory, capped at MAX_ERROR_BODY: beyond it, a clean 502."""
+    try:
+        body = read_limited(response, MAX_ERROR_BODY)
+    except TooLarge:
+        raise UpstreamUnavailable(
+            registry, f"{response.status_code} answer larger than {MAX_ERROR_BODY} bytes"
+        ) from None
+    except Exception as exc:  # reset or timed out mid-body
+        response.close()
+        raise UpstreamUnavailable(registry, f"body failed: {type(exc).__name__}") from None
+    response._content = body
+    response._content_consumed = True
+
+
 def iter_body(response: requests.Response, registry: str) -> Iterator[bytes]:
     """The raw body as upstream sent it, releasing the connection at the end.
 
@@ -156,6 +188,10 @@ class Upstream:
         self.session.mount("https://", adapter)
         self.timeout = (config.upstream_connect_timeout, config.upstream_read_timeout)
 
+    def may_send_credentials(self, registry: str) -> bool:
+        """§15: a client's credentials only ever go to CREDENTIAL_REGISTRIES (and their realms)."""
+        return matches_allowlist(registry, self.config.credential_patterns)
+
     def check_allowed(self, registry: str) -> None:
         """ALLOWED_REGISTRIES decides which upstreams a request may name."""
         if not matches_allowlist(registry, self.config.allowed_registries):
@@ -179,8 +215,14 @@ class Upstream:
         follow_redirects: bool = False,
         token_dance: bool = True,
     ) -> requests.Response:
-        """Send one request upstream, with the anonymous token dance and the transparent retry."""
+        """Send one request upstream, with the anonymous token dance and the transparent retry.
+
+        A client Authorization for a registry outside CREDENTIAL_REGISTRIES is dropped here,
+        the one door every registry request goes through: that registry is asked anonymously.
+        """
         self.check_allowed(registry)
+        if client.authorization is not None and not self.may_send_credentials(registry):
+            client = replace(client, authorization=None)
         headers = self._forward_headers(client, forward_range)
         default_scope = f"repository:{name}:pull" if name else ""
         used_cached = False
@@ -203,7 +245,7 @@ class Upstream:
         token = self.anonymous_token(registry, challenge, scope)
         if token is None:
             return response
-        _ = response.content  # keep the original 401 to forward if the retry fails too
+        keep_error_body(response, registry)  # the original 401, to forward if the retry fails
         retry_headers = dict(headers, Authorization=f"Bearer {token}")
         retry = self._request(method, registry, url, retry_headers, params, follow_redirects)
         if retry.status_code == 401:
@@ -223,19 +265,22 @@ class Upstream:
         params = {k: v for k, v in (("service", challenge.get("service")), ("scope", scope)) if v}
         try:
             reply = self.session.get(
-                challenge["realm"], params=params, timeout=self.timeout, allow_redirects=False
+                challenge["realm"],
+                params=params,
+                timeout=self.timeout,
+                allow_redirects=False,
+                stream=True,
             )
+            with reply:
+                if reply.status_code != 200:
+                    return None
+                body = json.loads(read_limited(reply, MAX_TOKEN_BODY))
         except BlockedAddress as exc:
             raise Denied(f"token realm of {registry} refused: {exc}") from None
-        except requests.RequestException:
+        except (requests.RequestException, HTTPError, OSError, TooLarge, ValueError):
             return None
-        with reply:
-            if reply.status_code != 200:
-                return None
-            try:
-                body = reply.json()
-            except ValueError:
-                return None
+        if not isinstance(body, dict):
+            return None
         token = body.get("token") or body.get("access_token")
         if not isinstance(token, str) or not token:
             return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.errors import NameInvalid
+from app.errors import NameInvalid, TooManyScopes
 from app.scopes import RepositoryScope, by_registry, parse_scopes, resolve_scope_name, split_scope
 
 
@@ -87,3 +87,27 @@ def test_ns_applies_to_every_scope() -> None:
         default_registry="docker.io",
     )
     assert {s.registry for s in scopes} == {"upstream.test"}
+
+
+# -- §15 bounded work ------------------------------------------------------------------------------
+
+
+def test_at_most_ten_scopes_counted_as_sent() -> None:
+    ten = [f"repository:org/app{i}:pull" for i in range(10)]
+    assert len(parse_scopes(ten, ns=None, default_registry="docker.io")) == 10
+    with pytest.raises(TooManyScopes) as info:
+        parse_scopes([*ten, "registry:catalog:*"], ns=None, default_registry="docker.io")
+    assert info.value.status == 400 and "10 scopes" in info.value.message
+    with pytest.raises(TooManyScopes):
+        parse_scopes([" ".join([*ten, ten[0]])], ns=None, default_registry="docker.io")
+
+
+def test_at_most_five_registries() -> None:
+    five = [f"repository:r{i}.test/org/app:pull" for i in range(5)]
+    scopes = parse_scopes(
+        [*five, "repository:r0.test/org/other:pull"], ns=None, default_registry="x"
+    )
+    assert len(by_registry(scopes)) == 5
+    with pytest.raises(TooManyScopes) as info:
+        parse_scopes([*five, "repository:org/app:pull"], ns=None, default_registry="r5.test")
+    assert info.value.code == "DENIED" and "5 registries" in info.value.message

@@ -35,6 +35,8 @@ def make_app(tmp_path: Path, mode: str = TRANSPARENT, **kwargs: object) -> Flask
         "fs_root": str(tmp_path / "cache"),
         "upstream_registry": OPEN_REG,
         "token_secret": SECRET,
+        # §15: these tests' registries may receive credentials unless a test says otherwise
+        "credential_registries": (BEARER_REG, BASIC_REG, OPEN_REG),
         **kwargs,
     }
     return create_app(Config(proxy_mode=mode, **settings))  # type: ignore[arg-type]
@@ -237,3 +239,103 @@ def test_token_endpoint_honours_allowlist_and_ssrf_guard(tmp_path: Path) -> None
     assert answer.status_code == 403, "loopback upstream refused by the SSRF guard"
     answer = client.get("/v2/token?scope=repository:Bad/Name:pull")
     assert answer.status_code == 400
+
+
+# -- §15: credentials only for CREDENTIAL_REGISTRIES; bounded token requests ----------------------
+
+
+def _authorizations(mock: responses.RequestsMock, prefix: str) -> list[str | None]:
+    return [
+        c.request.headers.get("Authorization")
+        for c in mock.calls
+        if c.request.url.startswith(prefix)
+    ]
+
+
+def test_unlisted_registries_get_no_credentials_and_an_anonymous_grant(
+    tmp_path: Path, mock: responses.RequestsMock
+) -> None:
+    _upstreams(mock)
+    mock.get(REALM, json={"token": "anonymous-jwt"})
+    client = make_app(tmp_path, credential_registries=(OPEN_REG,)).test_client()
+    scopes = (f"repository:{BEARER_REG}/org/app:pull", f"repository:{BASIC_REG}/org/app:pull")
+    token = _token(client, *scopes, auth=BASIC_ALICE)
+    assert _authorizations(mock, REALM) == [None], "the realm is asked anonymously"
+    assert _authorizations(mock, f"https://{BASIC_REG}/") == [None], "only the challenge"
+    for registry in (BEARER_REG, BASIC_REG):  # even an anonymous grant: the request is anonymous
+        mock.get(f"https://{registry}/v2/org/app/tags/list", json={})
+        client.get(
+            f"/v2/{registry}/org/app/tags/list", headers={"Authorization": f"Bearer {token}"}
+        )
+        assert "Authorization" not in mock.calls[-1].request.headers, registry
+
+
+def test_raw_authorization_is_not_forwarded_to_an_unlisted_registry(
+    tmp_path: Path, mock: responses.RequestsMock
+) -> None:
+    client = make_app(tmp_path, credential_registries=(OPEN_REG,)).test_client()
+    for registry, expected in ((BASIC_REG, None), (OPEN_REG, BASIC_ALICE)):
+        mock.get(f"https://{registry}/v2/org/app/tags/list", json={})
+        client.get(f"/v2/{registry}/org/app/tags/list", headers={"Authorization": BASIC_ALICE})
+        assert mock.calls[-1].request.headers.get("Authorization") == expected, registry
+        client.get(f"/v2/org/app/tags/list?ns={registry}", headers={"Authorization": BASIC_ALICE})
+        assert mock.calls[-1].request.headers.get("Authorization") == expected, registry
+
+
+@pytest.mark.parametrize(
+    "scopes",
+    [
+        [f"repository:{OPEN_REG}/org/app{i}:pull" for i in range(11)],
+        [" ".join(f"repository:{OPEN_REG}/org/app{i}:pull" for i in range(11))],
+        [f"repository:reg{i}.test/org/app:pull" for i in range(6)],
+    ],
+    ids=["11-scopes", "11-scopes-in-one-parameter", "6-registries"],
+)
+def test_too_many_scopes_or_registries_is_400_before_any_upstream_request(
+    client: FlaskClient, mock: responses.RequestsMock, scopes: list[str]
+) -> None:
+    qs = "&".join(f"scope={s}" for s in scopes)
+    answer = client.get(f"/v2/token?{qs}", headers={"Authorization": BASIC_ALICE})
+    assert answer.status_code == 400
+    assert json.loads(answer.data)["errors"][0]["code"] == "DENIED"
+    assert len(mock.calls) == 0
+
+
+def test_oversized_token_answer_is_502_authenticated_anonymous_transparent(
+    tmp_path: Path, mock: responses.RequestsMock
+) -> None:
+    _upstreams(mock)
+    mock.get(REALM, body='{"token": "' + "t" * (1024 * 1024) + '"}')
+    scope = f"/v2/token?scope=repository:{BEARER_REG}/org/app:pull"
+    authenticated = make_app(tmp_path, AUTHENTICATED).test_client()
+    answer = authenticated.get(scope, headers={"Authorization": BASIC_ALICE})
+    assert answer.status_code == 502
+    assert "larger than" in json.loads(answer.data)["errors"][0]["message"]
+    transparent = make_app(tmp_path).test_client()
+    assert transparent.get(scope, headers={"Authorization": BASIC_ALICE}).status_code == 200
+
+
+def test_challenge_cache_is_bounded_and_drops_expired_entries(
+    mock: responses.RequestsMock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app import challenge as challenge_module
+    from app.challenge import ChallengeCache
+    from app.upstream import Upstream
+
+    now = [1000.0]
+    monkeypatch.setattr(challenge_module.time, "monotonic", lambda: now[0])
+    for i in range(4):
+        mock.get(f"https://r{i}.test/v2/", json={})
+    cache = ChallengeCache(Upstream(Config(proxy_mode=TRANSPARENT)), ttl=60, max_entries=3)
+    cache.get("r0.test")
+    now[0] += 61  # r0 expires
+    cache.get("r1.test")
+    cache.get("r2.test")
+    cache.get("r3.test")
+    assert len(cache) == 3 and "r0.test" not in cache._known, "expired dropped first"
+    cache.get("r0.test")
+    assert len(cache) == 3 and "r1.test" not in cache._known, "then the oldest"
+    now[0] += 61
+    calls = len(mock.calls)
+    cache.get("r3.test")
+    assert len(mock.calls) == calls + 1 and len(cache) == 3, "an expired entry is re-learned"

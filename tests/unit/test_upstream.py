@@ -15,7 +15,17 @@ import responses
 
 from app.config import AUTHENTICATED, TRANSPARENT, Config
 from app.errors import Denied, UpstreamUnavailable
-from app.upstream import ClientHeaders, Upstream, parse_bearer_challenge
+from app.upstream import (
+    MAX_ERROR_BODY,
+    MAX_TOKEN_BODY,
+    ClientHeaders,
+    TokenCache,
+    TooLarge,
+    Upstream,
+    iter_body,
+    parse_bearer_challenge,
+    read_limited,
+)
 
 REG = "registry.test"
 NAME = "org/app"
@@ -32,6 +42,8 @@ def mock() -> Iterator[responses.RequestsMock]:
 
 
 def make(mode: str = TRANSPARENT, **kwargs: object) -> Upstream:
+    """REG is a credential registry (§15) unless a test says otherwise."""
+    kwargs.setdefault("credential_registries", (REG,))
     return Upstream(Config(proxy_mode=mode, **kwargs))  # type: ignore[arg-type]
 
 
@@ -134,6 +146,47 @@ def test_redirect_does_not_carry_credentials_to_another_host(
     assert response.content == b"layer"
     assert mock.calls[0].request.headers["Authorization"] == "Bearer client-token"
     assert "Authorization" not in mock.calls[1].request.headers
+
+
+# -- §15 credentials go only to CREDENTIAL_REGISTRIES ----------------------------------------------
+
+
+@pytest.mark.parametrize("authorization", ["Basic dXNlcjpwdw==", "Bearer someone-elses"])
+def test_client_authorization_is_dropped_for_a_registry_not_listed(
+    mock: responses.RequestsMock, authorization: str
+) -> None:
+    needs_token(mock)
+    add_token(mock)
+    upstream = make(credential_registries=("other.test",))
+    assert not upstream.may_send_credentials(REG)
+    response = upstream.send("GET", REG, PATH, ClientHeaders(authorization), name=NAME)
+    assert response.status_code == 200, "anonymous, with the anonymous token dance"
+    sent = [c.request.headers.get("Authorization") for c in mock.calls]
+    assert sent == [None, None, "Bearer anon-1"]
+
+
+@pytest.mark.parametrize("mode", [TRANSPARENT, AUTHENTICATED])
+def test_default_credential_registries_are_upstream_and_explicit_allowed(
+    mock: responses.RequestsMock, mode: str
+) -> None:
+    mock.get(URL, body="ok")
+    mock.get(f"https://ghcr.io{PATH}", body="ok")
+    mock.get(f"https://evil.test{PATH}", body="ok")
+    upstream = Upstream(
+        Config(proxy_mode=mode, upstream_registry=REG, allowed_registries=("ghcr.io", "*.test"))
+    )
+    client = ClientHeaders(authorization="Basic dXNlcjpwdw==")
+    for registry in (REG, "ghcr.io", "evil.test"):
+        upstream.send("GET", registry, PATH, client, name=NAME)
+    sent = [c.request.headers.get("Authorization") for c in mock.calls]
+    assert sent == ["Basic dXNlcjpwdw==", "Basic dXNlcjpwdw==", None]
+
+
+def test_docker_hub_credentials_by_any_alias(mock: responses.RequestsMock) -> None:
+    mock.get(f"https://registry-1.docker.io{PATH}", body="ok")
+    upstream = Upstream(Config(proxy_mode=TRANSPARENT, credential_registries=("docker.io",)))
+    upstream.send("GET", "docker.io", PATH, ClientHeaders("Basic eA=="), name=NAME)
+    assert mock.calls[0].request.headers["Authorization"] == "Basic eA=="
 
 
 def test_redirect_not_followed_unless_asked(mock: responses.RequestsMock) -> None:
@@ -410,6 +463,65 @@ def test_token_dance_can_be_disabled(mock: responses.RequestsMock) -> None:
     response = make().send("GET", REG, "/v2/", ClientHeaders(), token_dance=False)
     assert response.status_code == 401
     assert token_calls(mock) == []
+
+
+# -- §15 bounded work ------------------------------------------------------------------------------
+
+
+def test_kept_401_body_beyond_64_kib_is_a_clean_502(mock: responses.RequestsMock) -> None:
+    big = "x" * (MAX_ERROR_BODY + 1)
+    mock.get(URL, status=401, headers={"WWW-Authenticate": CHALLENGE}, body=big)
+    add_token(mock)
+    with pytest.raises(UpstreamUnavailable) as info:
+        make().send("GET", REG, PATH, ClientHeaders(), name=NAME)
+    assert info.value.status == 502 and REG in info.value.message
+
+
+def test_kept_401_body_within_the_cap_is_forwarded(mock: responses.RequestsMock) -> None:
+    body = "y" * MAX_ERROR_BODY
+    mock.get(URL, status=401, headers={"WWW-Authenticate": CHALLENGE}, body=body)
+    add_token(mock)
+    response = make().send("GET", REG, PATH, ClientHeaders(), name=NAME)
+    assert response.status_code == 401
+    assert b"".join(iter_body(response, REG)) == body.encode()
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        '{"token": "' + "t" * MAX_TOKEN_BODY + '"}',
+        "[1, 2]",
+        "not json",
+    ],
+)
+def test_oversized_or_bad_anonymous_token_answer_is_a_failed_fetch(
+    mock: responses.RequestsMock, reply: str
+) -> None:
+    mock.get(URL, status=401, headers={"WWW-Authenticate": CHALLENGE}, body="{}")
+    mock.get(REALM, body=reply)
+    response = make().send("GET", REG, PATH, ClientHeaders(), name=NAME)
+    assert response.status_code == 401, "the original 401 is forwarded"
+
+
+def test_read_limited_counts_bytes_read_not_content_length(mock: responses.RequestsMock) -> None:
+    mock.get(
+        URL, body="z" * 100, headers={"Content-Length": "10"}, auto_calculate_content_length=False
+    )
+    response = make().send("GET", REG, PATH, ClientHeaders(), name=NAME)
+    with pytest.raises(TooLarge):
+        read_limited(response, 50)
+
+
+def test_token_cache_is_bounded_and_drops_expired_entries() -> None:
+    cache = TokenCache(max_entries=3)
+    cache.put(REG, "a", "ta", 300)
+    cache.put(REG, "b", "tb", 0)  # already expired
+    cache.put(REG, "c", "tc", 300)
+    cache.put(REG, "d", "td", 300)
+    assert len(cache) == 3 and cache.get(REG, "b") is None, "the expired entry went first"
+    cache.put(REG, "e", "te", 300)
+    assert len(cache) == 3 and cache.get(REG, "a") is None, "then the oldest"
+    assert [cache.get(REG, s) for s in "cde"] == ["tc", "td", "te"]
 
 
 # -- parse_bearer_challenge ------------------------------------------------------------------------
