@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from flask import Flask, Response, request
-
 if TYPE_CHECKING:
+    from flask import Flask
+
     from app.config import Config
 
 _LEVELS = {
@@ -54,6 +54,8 @@ def _token_secret(config: Config) -> bytes:
 
 def create_app(config: Config | None = None) -> Flask:
     """Build the application: configuration, storage, upstream client and blueprints."""
+    from flask import Flask, Response, request
+
     from app import metrics
     from app.blueprints import ops, token, v2
     from app.config import Config, spool_dir
