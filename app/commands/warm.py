@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import requests
 
@@ -41,6 +42,21 @@ class Layer:
 
     digest: str
     size: int
+
+
+@dataclass
+class Result:
+    """What `warm --json` reports for one image."""
+
+    image: str
+    ok: bool
+    registry: str | None = None
+    repository: str | None = None
+    tag: str | None = None
+    digest: str | None = None  # of the manifest (or index) the reference resolved to
+    blobs: int = 0
+    bytes: int = 0
+    error: str | None = None
 
 
 class Client:
@@ -89,22 +105,28 @@ def _path(ref: ImageRef, kind: str, reference: str) -> str:
     return f"/v2/{ref.registry}/{ref.name}/{kind}/{reference}"
 
 
-def fetch_manifest(client: Client, ref: ImageRef, reference: str) -> tuple[dict, str]:
-    """A manifest document and its media type, through the proxy."""
+def fetch_manifest(client: Client, ref: ImageRef, reference: str) -> tuple[dict, str, str]:
+    """A manifest document, its media type and its digest, through the proxy."""
     with client.get(_path(ref, "manifests", reference), MANIFEST_TYPES) as response:
         if response.status_code != 200:
             raise WarmError(f"manifest {reference}: HTTP {response.status_code}")
+        body = response.content
         try:
-            doc = response.json()
+            doc = json.loads(body)
         except ValueError:
             raise WarmError(f"manifest {reference}: not JSON") from None
+    if not isinstance(doc, dict):
+        raise WarmError(f"manifest {reference}: not a JSON object")
+    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+    if reference.startswith("sha256:") and digest != reference:
+        raise WarmError(f"manifest {reference[:19]}: digest mismatch")
     media_type = doc.get("mediaType") or response.headers.get("Content-Type", "")
-    return doc, media_type.split(";")[0].strip()
+    return doc, media_type.split(";")[0].strip(), digest
 
 
-def layers_of(client: Client, ref: ImageRef, platform: str | None) -> list[Layer]:
-    """Every blob the image needs: of each platform of an index, or of the one manifest."""
-    doc, _ = fetch_manifest(client, ref, ref.reference)
+def layers_of(client: Client, ref: ImageRef, platform: str | None) -> tuple[list[Layer], str]:
+    """Every blob the image needs (of each platform of an index, or of the one manifest)."""
+    doc, _, top_digest = fetch_manifest(client, ref, ref.reference)
     manifests = [doc]
     if "manifests" in doc:
         children = [m for m in doc["manifests"] if platform_matches(m.get("platform"), platform)]
@@ -116,7 +138,7 @@ def layers_of(client: Client, ref: ImageRef, platform: str | None) -> list[Layer
         for item in [manifest.get("config"), *manifest.get("layers", [])]:
             if isinstance(item, dict) and "digest" in item:
                 blobs[item["digest"]] = Layer(item["digest"], int(item.get("size", 0)))
-    return list(blobs.values())
+    return list(blobs.values()), top_digest
 
 
 def pull_blob(client: Client, ref: ImageRef, layer: Layer, progress: Progress) -> None:
@@ -138,11 +160,11 @@ def pull_blob(client: Client, ref: ImageRef, layer: Layer, progress: Progress) -
 
 def warm_image(
     client: Client, image: str, platform: str | None, view: QuietView | RichView
-) -> None:
+) -> Result:
     """Warm one image; the view shows progress (or nothing)."""
     ref = parse_image(image)
     try:
-        layers = layers_of(client, ref, platform)
+        layers, digest = layers_of(client, ref, platform)
     except requests.RequestException as exc:
         raise WarmError(f"manifest {ref.reference}: {exc}") from None
     image_task = view.image(image, sum(layer.size for layer in layers))
@@ -154,6 +176,17 @@ def warm_image(
 
         for future in [pool.submit(one, layer) for layer in layers]:
             future.result()
+    tag = ref.tag or (None if ref.reference.startswith("sha256:") else ref.reference)
+    return Result(
+        image=image,
+        ok=True,
+        registry=ref.registry,
+        repository=ref.name,
+        tag=tag,
+        digest=digest,
+        blobs=len(layers),
+        bytes=sum(layer.size for layer in layers),
+    )
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -165,6 +198,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--from-file", help="a file of images, one per line (# comments)")
     parser.add_argument("--platform", help="only this os/arch[/variant] of multi-platform images")
     parser.add_argument("--proxy", help="the proxy's URL (default: LISTEN_ADDR on loopback)")
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON document: a result per image"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -178,15 +214,19 @@ def run(args: argparse.Namespace) -> int:
         print("oci-pull-through warm: no images given", file=sys.stderr)
         return 2
     client = Client(args.proxy or _default_proxy())
-    failed: list[str] = []
-    with make_view(sys.stdout.isatty()) as view:
+    results: list[Result] = []
+    with make_view(sys.stdout.isatty() and not args.json) as view:
         for image in images:
             try:
-                warm_image(client, image, args.platform, view)
+                results.append(warm_image(client, image, args.platform, view))
             except (WarmError, ValueError) as exc:
-                failed.append(f"{image}: {exc}")
-    for line in failed:
-        print(f"oci-pull-through warm: failed: {line}", file=sys.stderr)
+                results.append(Result(image=image, ok=False, error=str(exc)))
+    failed = [result for result in results if not result.ok]
+    for result in failed:
+        print(f"oci-pull-through warm: failed: {result.image}: {result.error}", file=sys.stderr)
+    if args.json:
+        doc = {"images": [asdict(result) for result in results], "failed": len(failed)}
+        print(json.dumps(doc, indent=2))
     return 1 if failed else 0
 
 

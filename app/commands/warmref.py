@@ -12,24 +12,31 @@ DOCKER_HUB = "docker.io"
 
 @dataclass(frozen=True)
 class ImageRef:
-    """registry/name:tag or registry/name@digest, normalised like Docker does."""
+    """registry/name:tag, registry/name@digest or both, normalised like Docker does."""
 
     registry: str
     name: str
-    reference: str
+    reference: str  # what is pulled: the digest when one is given, else the tag
+    tag: str | None = None  # a pinned reference's tag (name:tag@digest), kept for display
 
 
 def parse_image(image: str) -> ImageRef:
-    """Docker's rules: a first component with '.' or ':' (or localhost) is the registry."""
-    rest, reference = image.strip(), "latest"
+    """Docker's rules: a first component with '.' or ':' (or localhost) is the registry.
+
+    name:tag@digest (a Renovate pin) pulls the digest, which wins over the tag.
+    """
+    rest, reference, tag = image.strip(), "latest", None
     if "@" in rest:
         rest, reference = rest.split("@", 1)
         if not is_digest(reference):
             raise ValueError(f"not a digest: {reference!r}")
-    else:
-        last = rest.rsplit("/", 1)[-1]
-        if ":" in last:
-            rest, reference = rest.rsplit(":", 1)
+    last = rest.rsplit("/", 1)[-1]
+    if ":" in last:
+        rest, tag = rest.rsplit(":", 1)
+        if not is_valid_tag(tag):
+            raise ValueError(f"not a tag: {tag!r}")
+        if not is_digest(reference):
+            reference, tag = tag, None
     first, _, remainder = rest.partition("/")
     if remainder and ("." in first or ":" in first or first == "localhost"):
         try:
@@ -42,7 +49,7 @@ def parse_image(image: str) -> ImageRef:
         name = f"library/{name}"
     if not is_valid_name(name) or not (is_digest(reference) or is_valid_tag(reference)):
         raise ValueError(f"not an image reference: {image!r}")
-    return ImageRef(registry, name, reference)
+    return ImageRef(registry, name, reference, tag)
 
 
 def platform_matches(platform: object, wanted: str | None) -> bool:

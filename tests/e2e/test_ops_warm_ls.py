@@ -119,3 +119,32 @@ def test_warm_shows_progress_per_image_and_layer_on_a_terminal(
     assert ref in text
     for digest in image.blobs():
         assert digest[7:19] in text, f"a progress line for layer {digest[7:19]}"
+
+
+def test_warm_json_and_renovate_pins(
+    make_proxy: Callable[..., ProxyServer], upstream: Registry, image: BuiltImage
+) -> None:
+    """name:tag@digest pulls the digest (the tag is only shown); --json reports every image."""
+    proxy = make_proxy({"INSECURE_REGISTRIES": upstream.host})
+    # No tag "pinned" upstream: warming succeeds only because the digest wins.
+    pinned = f"{upstream.host}/e2e/app:pinned@{image.ref_digest}"
+    missing = f"{upstream.host}/e2e/nothing:v9"
+    result = _cli(proxy, "warm", pinned, missing, "--json", "--proxy", proxy.url)
+    assert result.returncode == 1
+    assert f"failed: {missing}: manifest v9: HTTP 404" in result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["failed"] == 1
+    ok, bad = doc["images"]
+    assert ok == {
+        "image": pinned,
+        "ok": True,
+        "registry": upstream.host,
+        "repository": "e2e/app",
+        "tag": "pinned",
+        "digest": image.ref_digest,
+        "blobs": len(image.blobs()),
+        "bytes": sum(b.size for b in image.blobs().values()),
+        "error": None,
+    }
+    assert (bad["image"], bad["ok"], bad["error"]) == (missing, False, "manifest v9: HTTP 404")
+    assert proxy.wait_cached(image.blobs()) == []
