@@ -23,7 +23,10 @@ run: $(STAMP)
 run-s3: $(STAMP)
 	VENV=$(VENV) scripts/run-s3.sh
 
-test: $(STAMP)
+# The Debian packages first (installed when root, else the command that would), then the venv.
+test:
+	scripts/install-test-deps.sh
+	$(MAKE) --no-print-directory $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
 
