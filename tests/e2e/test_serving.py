@@ -333,11 +333,38 @@ def test_log_level_warn_hides_request_lines(make_proxy: Callable[..., ProxyServe
     assert "oci_pull_through.access" not in proxy.log()
 
 
-def test_gunicorn_conf_does_not_import_the_app_or_requests() -> None:
+# Loaded by gunicorn's master before the gevent workers monkey-patch: none of these may be.
+_NOT_BEFORE_PATCHING = (
+    "ssl",
+    "requests",
+    "urllib3",
+    "flask",
+    "werkzeug",
+    "gevent",
+    "boto3",
+    "prometheus_client",  # reads PROMETHEUS_MULTIPROC_DIR when first imported
+)
+
+
+@pytest.mark.parametrize("config", ["gunicorn.conf.py", "python:app.gunicorn_conf"])
+def test_gunicorn_settings_leave_monkey_patching_intact(config: str, tmp_path: Path) -> None:
+    """Both ways of loading the settings (checkout, installed) import nothing gevent patches.
+
+    Every branch runs (TLS certificate, JSON logger); gevent then patches without a warning.
+    """
+    load = (
+        f"importlib.import_module({config.removeprefix('python:')!r})"
+        if config.startswith("python:")
+        else f"runpy.run_path({config!r})"
+    )
     code = (
-        "import runpy, sys; runpy.run_path('gunicorn.conf.py'); "
-        "bad = [m for m in ('app', 'requests', 'ssl', 'urllib3') if m in sys.modules]; "
-        "print(bad); sys.exit(1 if bad else 0)"
+        "import importlib, runpy, sys, warnings; "
+        f"{load}; "
+        f"bad = [m for m in {_NOT_BEFORE_PATCHING!r} if m in sys.modules]; "
+        "print(bad); "
+        "warnings.simplefilter('error'); "
+        "from gevent import monkey; monkey.patch_all(); "
+        "sys.exit(1 if bad else 0)"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code],
@@ -345,6 +372,12 @@ def test_gunicorn_conf_does_not_import_the_app_or_requests() -> None:
         capture_output=True,
         text=True,
         timeout=30,
-        env={"PATH": os.environ["PATH"]},
+        env={
+            "PATH": os.environ["PATH"],
+            "PROXY_MODE": "transparent",  # the settings are validated as they are read
+            "GENERATE_SELF_SIGNED_TLS": "true",
+            "LOG_FORMAT": "json",
+            "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
+        },
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
