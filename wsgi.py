@@ -1,15 +1,9 @@
-"""The WSGI entry point: gunicorn -c gunicorn.conf.py wsgi:app (or flask --app wsgi run)."""
+"""The WSGI entry point in a checkout: gunicorn -c gunicorn.conf.py wsgi:app, flask --app wsgi run.
 
-import sys
+It is app/wsgi.py (load_dotenv(), then app = create_app()), which an installed wheel carries
+for `oci-pull-through serve`.
+"""
 
-from dotenv import load_dotenv
+from app.wsgi import app
 
-from app import create_app
-from app.config import ConfigError
-
-load_dotenv()
-try:
-    app = create_app()
-except ConfigError as error:
-    print(f"oci-pull-through: {error}", file=sys.stderr)
-    sys.exit(3)  # gunicorn's "worker failed to boot": the arbiter stops instead of respawning
+__all__ = ["app"]

@@ -1,4 +1,4 @@
-"""The oci-pull-through command: healthcheck, check-config, gc, warm and ls."""
+"""The oci-pull-through command: serve, healthcheck, check-config, gc, warm and ls."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import ssl
 import sys
 import urllib.request
 
-from dotenv import load_dotenv
+from dotenv import find_dotenv, load_dotenv
 
 
 def healthcheck_url(listen_addr: str, tls: bool) -> str:
@@ -55,19 +55,31 @@ def check_config() -> int:
     return 0
 
 
+def version() -> str:
+    """The installed distribution's version, for --version and bug reports."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("oci-pull-through")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
-    load_dotenv()
+    load_dotenv(find_dotenv(usecwd=True))  # the working directory's .env, also when installed
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in ("-healthcheck", "--healthcheck"):
         args[0] = "healthcheck"
     parser = argparse.ArgumentParser(prog="oci-pull-through")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("healthcheck", help="probe /healthz on LISTEN_ADDR; exit 0 or 1")
     sub.add_parser("check-config", help="validate the configuration; exit 0 or 1")
-    from app.commands import gc, ls, warm
+    from app.commands import gc, ls, serve, warm
 
-    commands = {"gc": gc, "warm": warm, "ls": ls}
+    commands = {"serve": serve, "gc": gc, "warm": warm, "ls": ls}
     for command in commands.values():
         command.add_parser(sub)
     parsed = parser.parse_args(args)
