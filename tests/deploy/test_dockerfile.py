@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -163,18 +164,18 @@ def test_hadolint_is_clean() -> None:
 
 
 def test_dockerfile_shape() -> None:
-    """Multi-stage on a slim Python base, non-root, gunicorn CMD, HEALTHCHECK via the CLI."""
+    """Multi-stage on a slim Python base, non-root, `serve` CMD, HEALTHCHECK via the CLI."""
     _, stages = parse_dockerfile(DOCKERFILE.read_text())
     assert len(stages) >= 2, "multi-stage"
     runtime = stages[-1]
     assert all(re.fullmatch(r"python:3\.\d+-slim(-\w+)?", s.base) for s in stages), stages
     (user,) = runtime.all("USER")
     assert user.split(":")[0] not in ("0", "root")
-    assert exec_form(runtime.all("CMD")[-1]) == ["gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]
+    assert exec_form(runtime.all("CMD")[-1]) == ["oci-pull-through", "serve"]
     (health,) = runtime.all("HEALTHCHECK")
     assert exec_form(health.split(" CMD ", 1)[1]) == ["oci-pull-through", "-healthcheck"]
-    copies = " ".join(runtime.all("COPY"))
-    assert "wsgi.py" in copies and "gunicorn.conf.py" in copies
+    # The wheel carries gunicorn's settings and the WSGI entry: only the venv is copied.
+    assert all(arg.startswith("--from=build ") for arg in runtime.all("COPY")), runtime.all("COPY")
     assert "PROXY_MODE" not in " ".join(runtime.all("ENV")), "PROXY_MODE must stay required"
 
 
@@ -237,10 +238,14 @@ def build_like_the_dockerfile(root: ImageRoot) -> tuple[Stage, str]:
 
 
 def test_runtime_contents_start_and_pass_the_healthcheck(image_root: ImageRoot) -> None:
-    """The wheel in a fresh venv plus wsgi.py and gunicorn.conf.py serve, as the image would."""
+    """The wheel in a fresh venv serves by itself (`oci-pull-through serve`), as the image would.
+
+    The working directory is empty: settings and WSGI entry come from the installed package.
+    SIGTERM to the CMD's process (what `docker stop` sends PID 1) reaches gunicorn's master.
+    """
     runtime, workdir = build_like_the_dockerfile(image_root)
     cwd = image_root(workdir)
-    assert sorted(p.name for p in cwd.iterdir()) == ["gunicorn.conf.py", "wsgi.py"]
+    assert list(cwd.iterdir()) == []
 
     env: dict[str, str] = {"PATH": "/usr/local/bin:/usr/bin:/bin"}
     for arg in runtime.all("ENV"):
@@ -273,6 +278,11 @@ def test_runtime_contents_start_and_pass_the_healthcheck(image_root: ImageRoot) 
         group=gid,
     )
     assert where.stdout.startswith(str(image_root("/opt/oci-pull-through/lib"))), where
+    shown = subprocess.run(
+        [exe, "--version"], cwd=cwd, env=env, capture_output=True, text=True, user=uid, group=gid
+    )
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert shown.returncode == 0 and shown.stdout == f"oci-pull-through {project['version']}\n"
 
     log = (image_root.path / "gunicorn.log").open("wb")
     proc = subprocess.Popen(
@@ -303,6 +313,9 @@ def test_runtime_contents_start_and_pass_the_healthcheck(image_root: ImageRoot) 
             check, cwd=cwd, env=env, user=uid, group=gid, capture_output=True, timeout=30
         )
         assert healthy.returncode == 0, healthy.stderr
+        # `serve` replaced itself with gunicorn's master: same process, no wrapper in between.
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+        assert b"gunicorn" in cmdline[:3] and b"python:app.gunicorn_conf" in cmdline, cmdline
         # The app really routes (validation happens before any upstream I/O).
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/Bad_Name/manifests/v1", timeout=5)
@@ -311,9 +324,12 @@ def test_runtime_contents_start_and_pass_the_healthcheck(image_root: ImageRoot) 
             assert error.code == 400
             assert json.loads(error.read())["errors"][0]["code"] == "NAME_INVALID"
             error.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=40) == 0, (image_root.path / "gunicorn.log").read_text()
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=40)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
         log.close()
     stopped = subprocess.run(
         check, cwd=cwd, env=env, user=uid, group=gid, capture_output=True, timeout=30
