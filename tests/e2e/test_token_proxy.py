@@ -84,6 +84,9 @@ class World:
                 "PROXY_MODE": mode,
                 "UPSTREAM_REGISTRY": default,
                 "INSECURE_REGISTRIES": ",".join(insecure),
+                # §15: path-encoded upstreams other than UPSTREAM_REGISTRY get credentials
+                # only when listed
+                "CREDENTIAL_REGISTRIES": ",".join(self.registries),
                 "TOKEN_SECRET": SECRET,
                 "CACHE_LATEST_TAG": "true",
             }
