@@ -417,7 +417,7 @@ def test_sharded_two_gunicorns_each_object_has_one_owner(
     ca: ScratchCA,
     tmp_path: Path,
 ) -> None:
-    """sharded.conf: `hash $request_uri consistent` routes each object to one instance."""
+    """sharded.conf: each object has one owner, a blob one whatever repository names it."""
     env = {"UPSTREAM_REGISTRY": upstream.host, "INSECURE_REGISTRIES": upstream.host}
     shards = [make_proxy(env), make_proxy(env)]
     nginx = make_nginx(
@@ -425,12 +425,28 @@ def test_sharded_two_gunicorns_each_object_has_one_owner(
     )
     _pull_tls(f"{nginx.host}/e2e/app:v1", tmp_path / "cold", image, ca)
     time.sleep(0.5)  # commits land just after the last byte
+    owner = {}
     for digest in image.blobs():
         owners = [shard for shard in shards if shard.is_cached(digest)]
         assert len(owners) == 1, f"{digest} cached by {len(owners)} instances"
+        owner[digest] = owners[0]
     mark = upstream.mark()
     _pull_tls(f"{nginx.host}/e2e/app:v1", tmp_path / "warm", image, ca)
     assert upstream.blob_gets(since=mark) == [], "the same URI must reach the same owner"
+
+    # The same layers under a second repository name (a base image shared by two apps): the
+    # blob URIs differ, but nginx hashes blobs on their digest, so each request reaches the
+    # shard that already holds the blob: no upstream blob fetch, no second copy.
+    image.push(f"docker://{upstream.host}/e2e/shard-twin:v1")
+    mark = upstream.mark()
+    _pull_tls(f"{nginx.host}/e2e/shard-twin:v1", tmp_path / "twin", image, ca)
+    assert upstream.blob_gets(since=mark) == [], "every blob was a hit on its one owner"
+    twin_blobs = [line for line in nginx.access_log() if "/e2e/shard-twin/blobs/sha256:" in line]
+    assert len(twin_blobs) >= len(image.blobs()), twin_blobs
+    time.sleep(0.5)
+    for digest in image.blobs():
+        owners = [shard for shard in shards if shard.is_cached(digest)]
+        assert owners == [owner[digest]], f"{digest} moved or copied: {len(owners)} owners"
 
 
 def test_nginx_passes_s3_redirects_through(
