@@ -62,7 +62,7 @@ def create_app(config: Config | None = None) -> Flask:
     from app.errors import RegistryError
     from app.flight import Flights
     from app.proxy import Proxy
-    from app.storage import make_storage
+    from app.storage import make_storage, sweep_in_background
     from app.tokenproxy import TokenProxy
     from app.tokens import Sealer
     from app.upstream import Upstream
@@ -81,25 +81,18 @@ def create_app(config: Config | None = None) -> Flask:
     app.config["OCI_CONFIG"] = config
     app.config["OCI_LOG_JSON"] = config.log_format == "json"
     storage = make_storage(config)
+    if config.storage_backend == "fs":  # FS_MAX_BYTES and the cache size gauge (§13)
+        from app.evictor import Evictor
+
+        evictor = Evictor(config.fs_root, spool_dir(config), config.fs_max_bytes)
+        storage = evictor.track(storage)  # hits and commits reach the evictor
+        app.extensions["oci_evictor"] = evictor
+        app.before_request(evictor.start)
+    sweep_in_background(storage)  # what writers that died left behind (§15)
     flights = Flights(spool_dir(config))
     upstream = Upstream(config)
     app.extensions["oci_proxy"] = Proxy(config, storage, upstream, flights)
     app.extensions["oci_tokens"] = TokenProxy(config, upstream, Sealer(_token_secret(config)))
-    if config.storage_backend == "fs":  # FS_MAX_BYTES and the cache size gauge (§13)
-        import threading
-
-        from app.evictor import Evictor
-
-        # Temp files of writers that died (a live writer holds a lock on its own): §15.
-        threading.Thread(
-            target=storage.sweep_temp,  # type: ignore[attr-defined]
-            kwargs={"skip": spool_dir(config)},
-            daemon=True,
-        ).start()
-
-        evictor = Evictor(storage, spool_dir(config), config.fs_max_bytes)  # type: ignore[arg-type]
-        app.extensions["oci_evictor"] = evictor
-        app.before_request(evictor.start)
     app.register_blueprint(ops.bp)
     app.register_blueprint(token.bp)
     app.register_blueprint(v2.bp)

@@ -25,8 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from app.storage import NotFound, ObjectMeta, keys
-from app.storage.fs import TEMP_PREFIX, remove_dead_temp
-from app.storage.keys import SIDECAR_SUFFIX
+from app.storage.fsfiles import TEMP_PREFIX, key_path, remove_dead_temp
 
 LOW_WATER = 0.9  # evict down to this fraction of the bound
 ORPHAN_AGE = 600.0  # a half-written or half-deleted object older than this is removed
@@ -37,7 +36,7 @@ _TREES = ("blobs", "manifests")
 class Entry:
     """One committed object in the cache."""
 
-    key: str  # storage key: the sidecar's path relative to FS_ROOT, less ".meta.json"
+    key: str  # storage key, whose sidecar was found
     size: int  # data and sidecar bytes
     last_used: float
     data: str = ""  # the data file the sidecar names, relative to FS_ROOT ("" means key)
@@ -116,34 +115,34 @@ def scan(root: str, skip: str | None = None) -> tuple[list[Entry], list[str]]:
     root = os.path.abspath(root)
     skip = os.path.abspath(skip) if skip else None
     data: dict[str, os.stat_result] = {}
-    sidecars: dict[str, os.stat_result] = {}
+    sidecars: dict[str, tuple[str, os.stat_result]] = {}  # key -> sidecar path, its stat
     temps: dict[str, os.stat_result] = {}
     for path, st in _files(root, skip):
+        parsed = keys.parse(os.path.relpath(path, root).replace(os.sep, "/"))
         if os.path.basename(path).startswith(TEMP_PREFIX):
             temps[path] = st  # a write in progress, or left by a process that died mid-write
-        elif path.endswith(SIDECAR_SUFFIX):
-            sidecars[path[: -len(SIDECAR_SUFFIX)]] = st
+        elif parsed is not None and parsed.part == "sidecar":
+            sidecars[parsed.key] = (path, st)
         else:
-            data[path] = st
+            data[path] = st  # data, named by a sidecar or not (then an orphan)
     entries: list[Entry] = []
     named: set[str] = set()
     lonely: list[str] = []  # sidecars whose data is missing
-    for path, side_st in sidecars.items():
-        key = os.path.relpath(path, root).replace(os.sep, "/")
-        data_key = _named_data(key, path + SIDECAR_SUFFIX)
-        data_path = os.path.join(root, *data_key.split("/")) if data_key else None
-        st = data.get(data_path) if data_path else None
-        if st is None:
+    for key, (sidecar_path, side_st) in sidecars.items():
+        data_key = _named_data(key, sidecar_path)
+        data_path = key_path(root, data_key) if data_key else None
+        data_st = data.get(data_path) if data_path else None
+        if data_key is None or data_path is None or data_st is None:
             if side_st.st_mtime < time.time() - ORPHAN_AGE:
-                lonely.append(path + SIDECAR_SUFFIX)
+                lonely.append(sidecar_path)
             continue
-        named.add(data_path)  # type: ignore[arg-type]
+        named.add(data_path)
         entries.append(
             Entry(
                 key,
-                st.st_size + side_st.st_size,
-                max(st.st_atime, st.st_mtime),
-                "" if data_key == key else data_key,  # type: ignore[arg-type]
+                data_st.st_size + side_st.st_size,
+                max(data_st.st_atime, data_st.st_mtime),
+                "" if data_key == key else data_key,
             )
         )
     old = time.time() - ORPHAN_AGE
@@ -171,7 +170,7 @@ def _locked(path: str) -> tuple[int | None, bool]:
 
 def in_use(root: str, entry: Entry) -> bool:
     """True while some reader holds the object open (FilesystemStorage.open's shared flock)."""
-    fd, busy = _locked(os.path.join(root, entry.data_key))
+    fd, busy = _locked(key_path(root, entry.data_key))
     if fd is not None:
         os.close(fd)
     return busy
@@ -179,12 +178,12 @@ def in_use(root: str, entry: Entry) -> bool:
 
 def remove(root: str, entry: Entry) -> bool:
     """Evict one object unless it is in use: sidecar first (it vanishes), then the data."""
-    path = os.path.join(root, entry.data_key)
+    path = key_path(root, entry.data_key)
     fd, busy = _locked(path)
     try:
         if busy:
             return False
-        for victim in (os.path.join(root, entry.key) + SIDECAR_SUFFIX, path):
+        for victim in (key_path(root, keys.sidecar(entry.key)), path):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(victim)
         return True

@@ -1,65 +1,20 @@
 """What the cache holds: repositories, tags, digests and the bytes behind each (for `ls`).
 
-Listing is the one thing the Storage protocol does not offer (the proxy never needs it),
-so list_keys() knows both backends; everything else goes through the protocol.
+Everything goes through the Storage protocol (Storage.list for the keys) and keys.parse
+for what a key names; no key is taken apart here.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from app.storage import NotFound, ObjectMeta, Storage, StoreError, keys
-from app.storage.keys import SIDECAR_SUFFIX
-
-_TAGS, _DIGESTS, _MANIFEST = "/_tags/", "/_digests/", "/manifest"
-
-
-def list_keys(storage: Storage, prefix: str) -> Iterator[str]:
-    """Every storage key under prefix (content-addressed data and sidecars), in any order.
-
-    A tag's digest-named data objects and in-progress uploads are not keys: left out.
-    """
-    for key in _list_raw(storage, prefix):
-        if keys.is_key(key):
-            yield key
-
-
-def _list_raw(storage: Storage, prefix: str) -> Iterator[str]:
-    """Every stored name under prefix."""
-    from app.storage.fs import TEMP_PREFIX, FilesystemStorage
-
-    if isinstance(storage, FilesystemStorage):
-        top = os.path.join(storage.root, prefix)
-        for directory, _, files in os.walk(top):
-            for name in files:
-                if not name.startswith(TEMP_PREFIX):
-                    path = os.path.join(directory, name)
-                    yield os.path.relpath(path, storage.root).replace(os.sep, "/")
-        return
-    from app.storage.s3 import S3Storage
-
-    if isinstance(storage, S3Storage):
-        strip = len(storage.object_key(""))
-        pages = storage.client.get_paginator("list_objects_v2").paginate(
-            Bucket=storage.bucket, Prefix=storage.object_key(prefix)
-        )
-        for page in pages:
-            for item in page.get("Contents", []):
-                yield item["Key"][strip:]
-        return
-    raise TypeError(f"cannot list a {type(storage).__name__}")
 
 
 def committed(storage: Storage, prefix: str) -> list[str]:
-    """Keys under prefix that have a sidecar, i.e. that exist (SPEC §8)."""
-    return sorted(
-        key[: -len(SIDECAR_SUFFIX)]
-        for key in list_keys(storage, prefix)
-        if key.endswith(SIDECAR_SUFFIX)
-    )
+    """Keys under prefix that have a sidecar, i.e. that exist (SPEC §8), sorted."""
+    return sorted(storage.list(prefix))
 
 
 @dataclass
@@ -97,10 +52,10 @@ class Inventory:
         if self._blob_sizes is None:
             sizes: dict[str, int] = {}
             for key in committed(self.storage, "blobs/"):
-                algorithm, _, hex_part = key.removeprefix("blobs/").partition("/")
+                parsed = keys.parse(key)
                 meta = self._stat(key)
-                if meta is not None:
-                    sizes[f"{algorithm}:{hex_part}"] = meta.size
+                if parsed is not None and parsed.digest is not None and meta is not None:
+                    sizes[parsed.digest] = meta.size
             self._blob_sizes = sizes
         return self._blob_sizes
 
@@ -110,20 +65,19 @@ class Inventory:
         tagged: dict[tuple[str, str], set[str]] = {}
         digests: dict[tuple[str, str], list[str]] = {}
         for key in committed(self.storage, "manifests/"):
-            path = key.removeprefix("manifests/")
-            if _TAGS in path and path.endswith(_MANIFEST):
-                repo, _, tag = path.removesuffix(_MANIFEST).partition(_TAGS)
-                registry, _, name = repo.partition("/")
+            parsed = keys.parse(key)
+            if parsed is None:
+                continue
+            registry, name = parsed.registry, parsed.name
+            if parsed.tag is not None:
                 meta = self._stat(key)
                 if meta is None:
                     continue
-                entry = self._entry(registry, name, tag, meta)
+                entry = self._entry(registry, name, parsed.tag, meta)
                 repos.setdefault((registry, name), Repository(registry, name)).tags.append(entry)
                 tagged.setdefault((registry, name), set()).add(meta.digest)
-            elif _DIGESTS in path:
-                repo, _, digest_path = path.partition(_DIGESTS)
-                registry, _, name = repo.partition("/")
-                digests.setdefault((registry, name), []).append(digest_path.replace("/", ":", 1))
+            elif parsed.digest is not None:
+                digests.setdefault((registry, name), []).append(parsed.digest)
         for (registry, name), found in digests.items():
             repo = repos.setdefault((registry, name), Repository(registry, name))
             children = {c for t in repo.tags for c in self._children(registry, name, t.digest)}

@@ -87,16 +87,14 @@ def blob_from_cache(
         )
     if method == "HEAD":
         return Reply(200, headers, outcome=HIT)
+    start, length = (0, None) if span is None else (span.start, span.length)
     try:
-        fh = storage.open(key, meta)
+        fh = storage.open(key, meta, start, length)  # S3: fetches only the span
     except (NotFound, StoreError) as exc:
         log.warning("cached blob %s unreadable (%s); going upstream", key, exc)
         return None
     if span is None:
         return Reply(200, headers, file=fh, length=meta.size, outcome=HIT)
-    fh.seek(span.start)
-    if hasattr(fh, "limit"):  # a streamed S3 object: fetch only the range, not to its end
-        fh.limit(span.length)
     headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
     headers += [
         ("Content-Range", span.content_range(meta.size)),

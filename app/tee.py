@@ -41,17 +41,17 @@ def fill(
 ) -> str:
     """Hash and store every chunk, then commit only verified bytes; returns the outcome.
 
-    With source_path (the spool file the chunks come from) and a writer that can adopt
+    With source_path (the spool file the chunks come from) and a writer that may adopt
     it, the bytes are only hashed and the verified file is linked into the store: no copy.
     """
     algorithm = expected_digest.split(":", 1)[0]
     hasher = hashlib.new(algorithm)
     size = 0
-    adopt = getattr(writer, "adopt", None) if source_path is not None else None
+    adopting = source_path is not None and writer.may_adopt()
     try:
         for chunk in chunks:
             run_blocking(hasher.update, chunk)  # hashlib releases the GIL: off the event loop
-            if adopt is None:
+            if not adopting:
                 writer.write(chunk)
             size += len(chunk)
     except SourceFailed as failure:
@@ -72,7 +72,7 @@ def fill(
         writer.abort()
         return DIGEST_MISMATCH
     try:
-        if adopt is not None and not adopt(source_path):
+        if source_path is not None and adopting and not writer.adopt(source_path):
             _copy_into(writer, source_path, size)  # another filesystem: copy after all
         writer.commit(make_meta(digest, size))
     except Exception as exc:
@@ -82,9 +82,8 @@ def fill(
     return COMMITTED
 
 
-def _copy_into(writer: BlobWriter, path: str | None, size: int) -> None:
+def _copy_into(writer: BlobWriter, path: str, size: int) -> None:
     """Write the first size bytes of path into writer, a chunk at a time."""
-    assert path is not None
     with open(path, "rb", buffering=0) as fh:
         remaining = size
         while remaining:

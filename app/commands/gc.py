@@ -71,10 +71,10 @@ def sweep_leftovers(config: Config) -> int:
     """Spool files of dead fetchers (any backend), temp files of dead fs writers: how many."""
     from app.config import spool_dir
     from app.flight import sweep_leftovers as sweep_spool
-    from app.storage.fs import sweep_temp_files
+    from app.storage import make_storage
 
-    state = spool_dir(config)
-    removed = sweep_spool(state)
+    removed = sweep_spool(spool_dir(config))
+    # S3 is left alone here: building it sets up the bucket, and the proxy sweeps it at start.
     if config.storage_backend == "fs" and os.path.isdir(config.fs_root):
-        removed += sweep_temp_files(config.fs_root, 0.0, skip=state)
+        removed += make_storage(config).sweep(0.0)
     return removed

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 if TYPE_CHECKING:
     from app.config import Config
+
+log = logging.getLogger("oci_pull_through.storage")
 
 
 class NotFound(Exception):
@@ -70,6 +74,14 @@ class BlobWriter(Protocol):
         """Append bytes; StoreError aborts the write."""
         ...
 
+    def may_adopt(self) -> bool:
+        """Whether adopt can work at all, so a caller holding the bytes in a file need not write."""
+        ...
+
+    def adopt(self, path: str) -> bool:
+        """Take the complete file at path as the data, no copy; False (nothing changed) if not."""
+        ...
+
     def commit(self, meta: ObjectMeta) -> None:
         """Store the data under keys.data(key, meta.digest), then the sidecar, atomically.
 
@@ -84,14 +96,25 @@ class BlobWriter(Protocol):
 
 
 class Storage(Protocol):
-    """The one storage interface; both backends pass tests/unit/test_storage_contract.py."""
+    """The whole storage contract; every implementation passes tests/unit/test_storage_contract.py.
+
+    Callers use nothing else: no backend attributes, no probing (mypy checks both backends
+    and the usage-tracking wrapper of app/evictor.py against it).
+    """
 
     def stat(self, key: str) -> ObjectMeta:
         """The sidecar of a committed object; NotFound when there is none."""
         ...
 
-    def open(self, key: str, meta: ObjectMeta | None = None) -> BinaryIO:
-        """The data meta describes (the sidecar's when None); NotFound if missing or resized."""
+    def open(
+        self, key: str, meta: ObjectMeta | None = None, offset: int = 0, length: int | None = None
+    ) -> BinaryIO:
+        """A reader positioned at offset that ends after length bytes (None: the rest).
+
+        The data meta describes (the sidecar's when None); only that span is fetched.
+        NotFound if the data is missing or not meta.size bytes; ValueError if the span
+        does not lie within it.
+        """
         ...
 
     def writer(self, key: str) -> BlobWriter:
@@ -110,6 +133,26 @@ class Storage(Protocol):
         """A URL of the data meta describes, or None when the proxy serves it itself."""
         ...
 
+    def list(self, prefix: str = "") -> Iterator[str]:
+        """Keys starting with prefix that have a sidecar, in no order; never data or leftovers."""
+        ...
+
+    def sweep(self, max_age: float = 0.0) -> int:
+        """Remove what writers that died left behind, older than max_age s; returns how many.
+
+        Never anything a live writer still holds, never a committed object. What a backend
+        can tell apart differs: see its own sweep.
+        """
+        ...
+
+
+def span_end(size: int, offset: int, length: int | None) -> int:
+    """Where a read of length bytes from offset ends in an object of size bytes (checked)."""
+    end = size if length is None else offset + length
+    if offset < 0 or end < offset or end > size:
+        raise ValueError(f"span {offset}+{length} outside an object of {size} bytes")
+    return end
+
 
 def put(storage: Storage, key: str, chunks: Iterable[bytes], meta: ObjectMeta) -> None:
     """Store already-verified bytes (small objects such as manifests) in one go."""
@@ -123,14 +166,31 @@ def put(storage: Storage, key: str, chunks: Iterable[bytes], meta: ObjectMeta) -
         raise
 
 
+def sweep_in_background(storage: Storage, max_age: float = 0.0) -> threading.Thread:
+    """Remove crash leftovers (SPEC §15) without delaying start-up; a failure is only logged."""
+
+    def run() -> None:
+        try:
+            removed = storage.sweep(max_age)
+        except (StoreError, OSError) as exc:
+            log.warning("sweeping crash leftovers failed: %s", exc)
+            return
+        if removed:
+            log.info("removed %d files left by writers that died", removed)
+
+    thread = threading.Thread(target=run, name="oci-sweep", daemon=True)
+    thread.start()
+    return thread
+
+
 def make_storage(config: Config) -> Storage:
     """Build the backend STORAGE_BACKEND names."""
-    from app.config import ConfigError
+    from app.config import ConfigError, spool_dir
 
     if config.storage_backend == "fs":
         from app.storage.fs import FilesystemStorage
 
-        return FilesystemStorage(config.fs_root)
+        return FilesystemStorage(config.fs_root, skip=spool_dir(config))
     if config.storage_backend == "s3":
         from app.storage.s3 import S3Storage
 

@@ -3,86 +3,49 @@
 Data goes under keys.data(key, digest) (a tag's data is named after its digest), so
 concurrent commits of one key never rename different bytes onto one name, and the
 sidecar, replaced in one rename, always names data holding exactly the bytes it describes
-(SPEC §15). Every temp file (".tmp-*") is flocked (LOCK_EX) by its writer for the writer's
-whole life, so sweep_temp can tell one left by a dead process from one still being written.
+(SPEC §15). Temp files are flocked by their writers (app/storage/fsfiles.py), so sweep
+can tell one left by a dead process from one still being written.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import os
 import secrets
-import tempfile
-import time
-from collections.abc import Callable
-from typing import BinaryIO
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, BinaryIO
 
 from app.blocking import run_blocking
-from app.storage import NotFound, ObjectMeta, StoreError, keys
+from app.storage import BlobWriter, NotFound, ObjectMeta, Storage, StoreError, keys, span_end
+from app.storage.fsfiles import (
+    TEMP_PREFIX,
+    SpanFile,
+    key_path,
+    locked_temp,
+    remove_dead_temp,
+    replace_file,
+    same_file,
+    sweep_temp_files,
+    write_all,
+)
 from app.storage.keys import sidecar
 
-TEMP_PREFIX = ".tmp-"
-
-
-def _same_file(fd: int, path: str) -> bool:
-    """fd is still the file at path (a sweeper did not unlink it before we locked it)."""
-    try:
-        return os.stat(path).st_ino == os.fstat(fd).st_ino
-    except FileNotFoundError:
-        return False
-
-
-def _locked_temp(directory: str) -> tuple[int, str]:
-    """A new temp file in directory, created and flocked by us before anyone may remove it."""
-    while True:
-        fd, path = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
-        fcntl.flock(fd, fcntl.LOCK_EX)  # a sweeper holds it only while it unlinks a dead one
-        if _same_file(fd, path):
-            return fd, path
-        os.close(fd)  # swept between mkstemp and flock: take another
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    """Write every byte (os.write may write fewer)."""
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
-def _replace_file(path: str, data: bytes) -> None:
-    """Put data at path in one atomic step: a locked temp file, fsynced, then renamed."""
-    fd, temp = _locked_temp(os.path.dirname(path))
-    try:
-        _write_all(fd, data)
-        os.fsync(fd)
-        os.rename(temp, path)
-        temp = ""
-    finally:
-        os.close(fd)
-        if temp:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
+__all__ = ["TEMP_PREFIX", "FilesystemStorage", "FilesystemWriter", "remove_dead_temp"]
 
 
 class FilesystemStorage:
     """Objects as plain files under FS_ROOT, so hits can be served with sendfile."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, skip: str | None = None) -> None:
         self.root = os.path.abspath(root)
+        # A directory under root that is not the cache's (the spool, if configured there).
+        self.skip = os.path.abspath(skip) if skip else None
         os.makedirs(self.root, exist_ok=True)
-        # Set by app/evictor.py when FS_MAX_BYTES bounds the cache: use tracking, new objects.
-        self.on_open: Callable[[str], None] | None = None
-        self.on_commit: Callable[[int], None] | None = None
 
     def path(self, key: str) -> str:
         """Map a key to a path; keys come from app.storage.keys, this is a last safety net."""
-        parts = key.split("/")
-        if any(part in ("", ".", "..") for part in parts):
-            raise ValueError(f"unsafe storage key {key!r}")
-        return os.path.join(self.root, *parts)
+        return key_path(self.root, key)
 
     def data_path(self, key: str, meta: ObjectMeta) -> str:
         """The file holding the bytes meta describes; NotFound if meta cannot be key's."""
@@ -113,17 +76,20 @@ class FilesystemStorage:
             raise NotFound(f"{key}: data of {size} bytes, sidecar says {meta.size}")
         return meta
 
-    def open(self, key: str, meta: ObjectMeta | None = None) -> BinaryIO:
-        """The data meta describes, unbuffered so the server can hand it to sendfile.
+    def open(
+        self, key: str, meta: ObjectMeta | None = None, offset: int = 0, length: int | None = None
+    ) -> BinaryIO:
+        """The span of the data meta describes, unbuffered so the server can sendfile it.
 
         meta None reads the sidecar first. NotFound when that data is missing or its size
         is not meta's: the caller treats the key as a miss.
         """
         if meta is None:
             meta = self._read_sidecar(key)
+        end = span_end(meta.size, offset, length)
         path = self.data_path(key, meta)
         try:
-            fh = open(path, "rb", buffering=0)  # noqa: SIM115 - the caller closes it
+            fh = SpanFile(path, end)
         except (FileNotFoundError, NotADirectoryError):
             raise NotFound(key) from None
         except OSError as exc:
@@ -136,9 +102,8 @@ class FilesystemStorage:
         # holds it this instant, the file is being unlinked and the open descriptor still reads.
         with contextlib.suppress(OSError):
             fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-        if self.on_open is not None:
-            self.on_open(path)
-        return fh  # type: ignore[return-value]
+        fh.seek(offset)
+        return fh
 
     def writer(self, key: str) -> FilesystemWriter:
         """Start a write that nobody can see until commit."""
@@ -155,7 +120,7 @@ class FilesystemStorage:
         if size != meta.size:
             raise NotFound(f"{key}: data of {size} bytes, meta says {meta.size}")
         try:
-            _replace_file(self.path(sidecar(key)), meta.to_json())
+            replace_file(self.path(sidecar(key)), meta.to_json())
         except OSError as exc:
             raise StoreError(f"updating the sidecar of {key}: {exc}") from exc
 
@@ -172,50 +137,34 @@ class FilesystemStorage:
         """Filesystem hits are served by the proxy itself."""
         return None
 
-    def sweep_temp(self, max_age: float = 0.0, skip: str | None = None) -> int:
+    def list(self, prefix: str = "") -> Iterator[str]:
+        """Committed keys under prefix: files named like a sidecar (keys.parse), temp files not."""
+        head = prefix.rpartition("/")[0]
+        top = self.path(head) if head else self.root
+        for directory, dirs, files in os.walk(top):
+            if self.skip is not None:
+                dirs[:] = [d for d in dirs if os.path.join(directory, d) != self.skip]
+            for name in files:
+                if name.startswith(TEMP_PREFIX):
+                    continue
+                stored = os.path.relpath(os.path.join(directory, name), self.root)
+                parsed = keys.parse(stored.replace(os.sep, "/"))
+                if parsed is None or parsed.part != "sidecar":
+                    continue
+                if parsed.key.startswith(prefix):
+                    yield parsed.key
+
+    def sweep(self, max_age: float = 0.0) -> int:
         """Remove temp files of dead writers (not flocked) older than max_age; how many went.
 
         Run at start and by `oci-pull-through gc`: a writer killed mid-write leaves its
         temp file behind. A live writer holds its flock, so its file is never touched.
         """
-        return sweep_temp_files(self.root, max_age, skip)
+        return sweep_temp_files(self.root, max_age, self.skip)
 
-
-def sweep_temp_files(root: str, max_age: float = 0.0, skip: str | None = None) -> int:
-    """Remove every unlocked ".tmp-*" file under root older than max_age seconds."""
-    skip = os.path.abspath(skip) if skip else None
-    removed = 0
-    for directory, dirs, files in os.walk(root):
-        if skip is not None:
-            dirs[:] = [d for d in dirs if os.path.join(directory, d) != skip]
-        for name in files:
-            if name.startswith(TEMP_PREFIX):
-                removed += remove_dead_temp(os.path.join(directory, name), max_age)
-    return removed
-
-
-def remove_dead_temp(path: str, max_age: float = 0.0) -> bool:
-    """Unlink path if no live writer holds it and it is at least max_age old."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError:
-        return False
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                return False  # a live writer
-            raise
-        st = os.fstat(fd)
-        if time.time() - st.st_mtime < max_age or not _same_file(fd, path):
-            return False
-        os.unlink(path)
-        return True
-    except FileNotFoundError:
-        return False
-    finally:
-        os.close(fd)
+    def sweep_temp(self, max_age: float = 0.0, skip: str | None = None) -> int:
+        """sweep, skipping another directory: kept for callers written before sweep."""
+        return sweep_temp_files(self.root, max_age, skip or self.skip)
 
 
 class FilesystemWriter:
@@ -233,10 +182,14 @@ class FilesystemWriter:
         if self._fd is None:
             try:
                 os.makedirs(self.directory, exist_ok=True)
-                self._fd, self._temp = _locked_temp(self.directory)
+                self._fd, self._temp = locked_temp(self.directory)
             except OSError as exc:
                 raise StoreError(f"creating temp file in {self.directory}: {exc}") from exc
         return self._fd
+
+    def may_adopt(self) -> bool:
+        """A file on the same filesystem can be linked in: worth trying before writing."""
+        return True
 
     def adopt(self, path: str) -> bool:
         """Take a complete file on the same filesystem as this object's data, by hard link.
@@ -253,7 +206,7 @@ class FilesystemWriter:
             return False
         fd = os.open(temp, os.O_RDONLY | os.O_CLOEXEC)  # for the flock, and the fsync at commit
         fcntl.flock(fd, fcntl.LOCK_EX)
-        if not _same_file(fd, temp):  # swept before we locked it: write instead
+        if not same_file(fd, temp):  # swept before we locked it: write instead
             os.close(fd)
             return False
         self._fd, self._temp = fd, temp
@@ -264,7 +217,7 @@ class FilesystemWriter:
         if self._done:
             raise StoreError("write after commit or abort")
         try:
-            run_blocking(_write_all, self._open(), chunk)
+            run_blocking(write_all, self._open(), chunk)
         except OSError as exc:
             raise StoreError(f"writing {self.key}: {exc}") from exc
 
@@ -282,23 +235,23 @@ class FilesystemWriter:
             self.abort()
             raise StoreError(f"committing {self.key}: {exc}") from exc
         fd = self._open()
+        temp = self._temp
+        assert temp is not None  # _open sets both
         try:
             run_blocking(os.fsync, fd)
             # Renamed while still locked, so no sweeper can take the temp file from under us.
-            os.rename(self._temp, data_path)  # type: ignore[arg-type]
+            os.rename(temp, data_path)
             self._temp = None
             os.close(fd)
             self._fd = None
             # A failure from here leaves the data without a sidecar naming it: invisible, and
             # removed by eviction later. Deleting it could remove what a concurrent committer's
             # sidecar (same digest) names.
-            _replace_file(self.storage.path(sidecar(self.key)), meta.to_json())
+            replace_file(self.storage.path(sidecar(self.key)), meta.to_json())
         except OSError as exc:
             self.abort()
             raise StoreError(f"committing {self.key}: {exc}") from exc
         self._done = True
-        if self.storage.on_commit is not None:
-            self.storage.on_commit(meta.size)
 
     def abort(self) -> None:
         """Drop the temp file; idempotent, never raises."""
@@ -311,3 +264,12 @@ class FilesystemWriter:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = None
+
+
+if TYPE_CHECKING:
+
+    def _conforms(
+        storage: FilesystemStorage, writer: FilesystemWriter
+    ) -> tuple[Storage, BlobWriter]:
+        """Never called: mypy fails here when this backend drifts from the protocol."""
+        return storage, writer

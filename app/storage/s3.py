@@ -13,16 +13,23 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import secrets
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from app.storage import NotFound, ObjectMeta, StoreError, keys
+from app.storage import BlobWriter, NotFound, ObjectMeta, Storage, StoreError, keys, span_end
 from app.storage.keys import sidecar
-from app.storage.s3bucket import make_client, set_up_bucket, translated
+from app.storage.s3bucket import (
+    abort_uploads,
+    list_names,
+    make_client,
+    set_up_bucket,
+    translated,
+)
 from app.storage.s3reader import S3ObjectReader
+from app.storage.s3writer import S3Writer
 
 if TYPE_CHECKING:
     from app.config import Config
@@ -31,6 +38,8 @@ log = logging.getLogger("oci_pull_through.storage.s3")
 
 PART_SIZE = 8 * 1024 * 1024
 _DAY = 86400.0
+# S3 cannot tell a live writer's multipart upload from a dead one's: only age does.
+STALE_UPLOAD_AGE = _DAY
 
 
 class S3Storage:
@@ -118,16 +127,23 @@ class S3Storage:
             raise NotFound(f"{key}: data of {size} bytes, sidecar says {meta.size}")
         return size
 
-    def open(self, key: str, meta: ObjectMeta | None = None) -> S3ObjectReader:
-        """A seekable reader of the data meta describes (the sidecar's when None).
+    def open(
+        self, key: str, meta: ObjectMeta | None = None, offset: int = 0, length: int | None = None
+    ) -> BinaryIO:
+        """A seekable reader of the span of the data meta describes (the sidecar's when None).
 
-        Nothing is downloaded until the first read; NotFound when that data is missing or
-        its size is not meta's (the caller treats the key as a miss).
+        Nothing is downloaded until the first read, and then only the span (one ranged
+        GetObject); NotFound when that data is missing or its size is not meta's (the
+        caller treats the key as a miss).
         """
         if meta is None:
             meta = self.stat(key)
+        end = span_end(meta.size, offset, length)
         size = self._data_size(key, meta)
-        return S3ObjectReader(self.client, self.bucket, self.data_key(key, meta), size)
+        reader = S3ObjectReader(
+            self.client, self.bucket, self.data_key(key, meta), size, offset, end
+        )
+        return cast(BinaryIO, reader)  # a RawIOBase: every BinaryIO method callers use
 
     def writer(self, key: str) -> S3Writer:
         """Start a write that nobody can see until commit."""
@@ -173,138 +189,34 @@ class S3Storage:
         except (BotoCoreError, ClientError) as exc:
             raise StoreError(f"presigning {key}: {exc}") from exc
 
+    def list(self, prefix: str = "") -> Iterator[str]:
+        """Committed keys under prefix: objects named like a sidecar (keys.parse), in key order."""
+        strip = len(self.object_key(""))
+        for name in list_names(self.client, self.bucket, self.object_key(prefix)):
+            parsed = keys.parse(name[strip:])
+            if parsed is not None and parsed.part == "sidecar":
+                yield parsed.key
 
-class S3Writer:
-    """Buffers up to one part; a multipart upload starts only when a part is full.
+    def sweep(self, max_age: float = 0.0) -> int:
+        """Abort multipart uploads under the prefix older than max(max_age, STALE_UPLOAD_AGE).
 
-    A content-addressed key is uploaded under its own name (every writer's bytes are the
-    same); any other key's multipart upload goes to a temporary object, copied to the
-    digest's name at commit, since the digest is only known then.
-    """
-
-    def __init__(self, storage: S3Storage, key: str) -> None:
-        self.storage = storage
-        self.key = key
-        if keys.content_digest(key) is not None:
-            self.upload_key = storage.object_key(key)
-        else:
-            self.upload_key = storage.object_key(keys.upload(key, secrets.token_hex(8)))
-        self._chunks: list[bytes] = []
-        self._buffered = 0
-        self._upload_id: str | None = None
-        self._parts: list[dict[str, Any]] = []
-        self._done = False
-
-    def write(self, chunk: bytes) -> None:
-        """Buffer the chunk; upload a part once the buffer holds a full one."""
-        if self._done:
-            raise StoreError("write after commit or abort")
-        if not chunk:
-            return
-        self._chunks.append(bytes(chunk))
-        self._buffered += len(chunk)
-        if self._buffered >= self.storage.part_size:
-            try:
-                self._upload_part()
-            except (StoreError, NotFound) as exc:
-                self.abort()
-                raise StoreError(str(exc)) from exc
-
-    def _take(self) -> bytes:
-        data = b"".join(self._chunks)
-        self._chunks.clear()
-        self._buffered = 0
-        return data
-
-    def _upload_part(self) -> None:
-        s = self.storage
-        with translated(f"uploading a part of {self.key}"):
-            if self._upload_id is None:
-                created = s.client.create_multipart_upload(Bucket=s.bucket, Key=self.upload_key)
-                self._upload_id = str(created["UploadId"])
-            number = len(self._parts) + 1
-            response = s.client.upload_part(
-                Bucket=s.bucket,
-                Key=self.upload_key,
-                UploadId=self._upload_id,
-                PartNumber=number,
-                Body=self._take(),
-            )
-            self._parts.append({"ETag": response["ETag"], "PartNumber": number})
-
-    def commit(self, meta: ObjectMeta) -> None:
-        """Make the verified object visible: data under its digest's name, then the sidecar.
-
-        No old sidecar is deleted first: the new one replaces it in one PutObject and names
-        its own data. A failure after the data is written leaves it without a sidecar naming
-        it (invisible; S3_LIFECYCLE_DAYS expires it): deleting it could remove data that a
-        concurrent committer's sidecar (same digest) names.
+        S3 cannot tell a live writer's upload from a dead one's, so age is the only signal
+        and the floor protects slow live fills. Completed temporary uploads of large tags
+        left by a crash are not listed here (a full listing); the lifecycle rule expires them.
         """
-        if self._done:
-            raise StoreError("commit after commit or abort")
-        s = self.storage
-        temp_written = False
-        try:
-            data_key = s.object_key(keys.data(self.key, meta.digest))
-        except ValueError as exc:
-            self.abort()
-            raise StoreError(f"committing {self.key}: {exc}") from exc
-        try:
-            with translated(f"committing {self.key}"):
-                if self._upload_id is None:
-                    s.client.put_object(Bucket=s.bucket, Key=data_key, Body=self._take())
-                else:
-                    if self._buffered:
-                        self._upload_part()  # the last part may be smaller than part_size
-                    s.client.complete_multipart_upload(
-                        Bucket=s.bucket,
-                        Key=self.upload_key,
-                        UploadId=self._upload_id,
-                        MultipartUpload={"Parts": self._parts},
-                    )
-                    self._upload_id = None
-                    if self.upload_key != data_key:
-                        temp_written = True
-                        s.client.copy_object(
-                            Bucket=s.bucket,
-                            Key=data_key,
-                            CopySource={"Bucket": s.bucket, "Key": self.upload_key},
-                        )
-                        self._drop_temp()
-                        temp_written = False
-                s.client.put_object(
-                    Bucket=s.bucket,
-                    Key=s.object_key(sidecar(self.key)),
-                    Body=meta.to_json(),
-                    ContentType="application/json",
-                )
-        except (StoreError, NotFound) as exc:
-            if temp_written:
-                with contextlib.suppress(StoreError, NotFound):
-                    self._drop_temp()
-            self.abort()
-            raise StoreError(f"committing {self.key}: {exc}") from exc
-        self._done = True
+        strip = len(self.object_key(""))
+        before = time.time() - max(max_age, STALE_UPLOAD_AGE)
+        return abort_uploads(
+            self.client,
+            self.bucket,
+            self.object_key(""),
+            before,
+            lambda name: keys.parse(name[strip:]) is not None,
+        )
 
-    def _drop_temp(self) -> None:
-        """Delete the completed temporary upload of a non-content-addressed key."""
-        s = self.storage
-        with translated(f"deleting the upload of {self.key}"):
-            s.client.delete_object(Bucket=s.bucket, Key=self.upload_key)
 
-    def abort(self) -> None:
-        """Drop the buffer and abort the multipart upload; idempotent, never raises."""
-        self._done = True
-        self._chunks.clear()
-        self._buffered = 0
-        upload_id, self._upload_id = self._upload_id, None
-        if upload_id is None:
-            return
-        s = self.storage
-        try:
-            s.client.abort_multipart_upload(
-                Bucket=s.bucket, Key=self.upload_key, UploadId=upload_id
-            )
-        except (ClientError, BotoCoreError) as exc:
-            # The lifecycle rule's AbortIncompleteMultipartUpload is the safety net.
-            log.warning("aborting the upload of %s failed: %s", self.key, exc)
+if TYPE_CHECKING:
+
+    def _conforms(storage: S3Storage, writer: S3Writer) -> tuple[Storage, BlobWriter]:
+        """Never called: mypy fails here when this backend drifts from the protocol."""
+        return storage, writer

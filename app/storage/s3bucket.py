@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import boto3
@@ -162,3 +163,47 @@ def set_up_bucket(client: Any, bucket: str, prefix: str, lifecycle_days: int) ->
             time.sleep(1.0)
         except BotoCoreError as exc:
             raise StoreError(f"setting up bucket {bucket}: {exc}") from exc
+
+
+def list_names(client: Any, bucket: str, prefix: str) -> Iterator[str]:
+    """Every object key in bucket starting with prefix (all pages)."""
+    with translated(f"listing {prefix}"):
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        for page in pages:
+            for item in page.get("Contents", []):
+                yield str(item["Key"])
+
+
+def abort_uploads(
+    client: Any, bucket: str, prefix: str, before: float, ours: Callable[[str], bool]
+) -> int:
+    """Abort the multipart uploads under prefix started before `before` whose key is ours."""
+    aborted = 0
+    with translated(f"listing the uploads under {prefix}"):
+        paginator = client.get_paginator("list_multipart_uploads")
+        pages = paginator.paginate(Bucket=bucket, Prefix=prefix)
+        stale = [
+            upload
+            for page in pages
+            for upload in page.get("Uploads", [])
+            if _timestamp(upload.get("Initiated")) < before and ours(str(upload["Key"]))
+        ]
+    for upload in stale:
+        try:
+            client.abort_multipart_upload(
+                Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+            )
+            aborted += 1
+        except ClientError as exc:
+            if error_code(exc) != "NoSuchUpload":  # another sweeper was first
+                raise StoreError(f"aborting the upload of {upload['Key']}: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StoreError(f"aborting the upload of {upload['Key']}: {exc}") from exc
+    return aborted
+
+
+def _timestamp(value: object) -> float:
+    """An S3 listing's time as seconds since the epoch; unknown counts as now (kept)."""
+    if isinstance(value, datetime.datetime):
+        return value.timestamp()
+    return time.time()

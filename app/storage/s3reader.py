@@ -13,17 +13,20 @@ from app.storage.s3bucket import translated
 class S3ObjectReader(io.RawIOBase):
     """A seekable object stream; each read after a seek issues one lazy ranged GetObject.
 
+    Reads begin at start and stop at end, so a span is fetched with a Range of only itself.
     It has no fileno, so servers iterate it instead of using sendfile.
     """
 
-    def __init__(self, client: Any, bucket: str, key: str, size: int) -> None:
+    def __init__(
+        self, client: Any, bucket: str, key: str, size: int, start: int = 0, end: int | None = None
+    ) -> None:
         super().__init__()
         self.client = client
         self.bucket = bucket
         self.key = key
         self.size = size
-        self._pos = 0
-        self._end = size
+        self._pos = start
+        self._end = size if end is None else end  # reads stop here: a Range fetches only itself
         self._body: Any = None
 
     def readable(self) -> bool:
@@ -45,11 +48,6 @@ class S3ObjectReader(io.RawIOBase):
             self._drop_body()
             self._pos = position
         return self._pos
-
-    def limit(self, length: int) -> None:
-        """Reads stop length bytes after the current position: a Range fetches only itself."""
-        self._drop_body()
-        self._end = min(self.size, self._pos + max(0, length))
 
     def read(self, size: int | None = -1) -> bytes:
         """Up to size bytes (all that remain when size < 0), from one ranged GET."""

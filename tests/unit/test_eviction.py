@@ -139,12 +139,13 @@ def test_an_open_file_still_reads_in_full_after_unlink(tmp_path: Path) -> None:
 
 def test_hits_are_tracked_in_memory_and_flushed_as_atimes(tmp_path: Path) -> None:
     storage = FilesystemStorage(str(tmp_path / "cache"))
-    evictor = Evictor(storage, str(tmp_path / "state"), max_bytes=None)
+    evictor = Evictor(storage.root, str(tmp_path / "state"), max_bytes=None)
+    tracked = evictor.track(storage)
     key = _commit(storage, b"h" * 100, time.time() - 500)
     path = storage.path(key)
     before = os.stat(path)
     for _ in range(50):
-        storage.open(key).close()
+        tracked.open(key).close()
     assert os.stat(path).st_atime == before.st_atime, "no write per hit"
     assert evictor.tracker.flush() == 1
     after = os.stat(path)
@@ -155,7 +156,7 @@ def test_hits_are_tracked_in_memory_and_flushed_as_atimes(tmp_path: Path) -> Non
 
 def test_evictor_run_records_the_total_and_evicts(tmp_path: Path) -> None:
     storage = FilesystemStorage(str(tmp_path / "cache"))
-    evictor = Evictor(storage, str(tmp_path / "state"), max_bytes=3000)
+    evictor = Evictor(storage.root, str(tmp_path / "state"), max_bytes=3000)
     now = time.time()
     keys_ = [_commit(storage, bytes([65 + i]) * 1000, now - 300 + i) for i in range(3)]
     result = evictor.run()
@@ -230,5 +231,5 @@ def test_a_live_writers_old_temp_file_is_not_swept(tmp_path: Path) -> None:
     old = time.time() - ORPHAN_AGE - 10
     os.utime(temp, (old, old))
     assert sweep(storage.root, None).orphans == 0 and os.path.exists(temp)
-    assert storage.sweep_temp(0) == 0 and os.path.exists(temp)
+    assert storage.sweep(0) == 0 and os.path.exists(temp)
     writer.abort()

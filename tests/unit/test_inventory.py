@@ -12,7 +12,7 @@ import pytest
 from moto import mock_aws
 
 from app.commands import ls
-from app.inventory import Inventory, committed, list_keys
+from app.inventory import Inventory, committed
 from app.storage import ObjectMeta, Storage, keys, put
 from app.storage.fs import FilesystemStorage
 from app.storage.s3 import S3Storage
@@ -143,11 +143,11 @@ def test_ls_command_prints_a_table_and_json(
 
 
 def test_a_tags_data_objects_are_not_keys(tmp_path: Path) -> None:
-    """SPEC §15: tag data lives under digest-named objects; list_keys and committed skip them."""
+    """SPEC §15: tag data lives under digest-named objects; Storage.list and committed skip them."""
     storage = FilesystemStorage(str(tmp_path / "cache"))
     key = keys.manifest("registry.test", "org/app", "v1")
     for data in (b"one", b"two"):
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         put(storage, key, [data], ObjectMeta(digest, len(data), "application/json"))
-    assert sorted(list_keys(storage, "manifests/")) == [keys.sidecar(key)]
+    assert sorted(storage.list("manifests/")) == [key]
     assert committed(storage, "manifests/") == [key]

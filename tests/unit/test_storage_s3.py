@@ -264,10 +264,9 @@ def test_range_read_fetches_only_the_range(
 ) -> None:
     write_all(storage, KEY, DATA).commit(meta())
     gets = record_calls(monkeypatch, client, "get_object")
-    with storage.open(KEY, meta()) as fh:
+    with storage.open(KEY, meta(), 10 * MiB, 5) as fh:
         assert gets == [], "open must not download anything"
-        fh.seek(10 * MiB)
-        fh.limit(5)
+        assert fh.tell() == 10 * MiB
         assert fh.read(1 * MiB) == DATA[10 * MiB : 10 * MiB + 5]
         assert fh.read(1) == b""
         assert not hasattr(fh, "fileno") or _no_fileno(fh)

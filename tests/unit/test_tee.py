@@ -35,6 +35,12 @@ class MemoryWriter:
         self.fail_on_write = fail_on_write
         self.fail_commit = fail_commit
 
+    def may_adopt(self) -> bool:
+        return False
+
+    def adopt(self, path: str) -> bool:
+        raise AssertionError("adopt called on a writer that said it may not")
+
     def write(self, chunk: bytes) -> None:
         self.writes += 1
         if self.fail_on_write is not None and self.writes >= self.fail_on_write:
@@ -130,6 +136,9 @@ class AdoptingWriter(MemoryWriter):
         super().__init__()
         self.accept = accept
         self.adopted: str | None = None
+
+    def may_adopt(self) -> bool:
+        return True
 
     def adopt(self, path: str) -> bool:
         if self.accept:
