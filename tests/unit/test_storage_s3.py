@@ -12,7 +12,7 @@ from botocore.exceptions import ClientError, NoCredentialsError
 from moto import mock_aws
 
 from app.storage import NotFound, ObjectMeta, StoreError, keys
-from app.storage.s3 import S3Storage
+from app.storage.s3 import STALE_UPLOAD_AGE, S3Storage
 from app.storage.s3bucket import make_client
 from app.tee import CLIENT_GONE, COMMITTED, DIGEST_MISMATCH, SourceFailed, fill
 
@@ -441,3 +441,38 @@ def test_presign_names_the_digests_data(client: Any) -> None:
     storage = S3Storage(client, BUCKET, PREFIX)
     url = storage.presign(TAG, meta())
     assert url is not None and f"/{PREFIX}/{TAG}.sha256-{DIGEST.split(':')[1]}?" in url
+
+
+def test_sweep_aborts_only_stale_uploads_of_this_prefix(
+    storage: S3Storage, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """S3 cannot tell a dead writer's upload from a live one's: age past the floor decides."""
+    dead = write_all(storage, KEY, DATA)  # a writer that will never commit (its process died)
+    foreign = client.create_multipart_upload(Bucket=BUCKET, Key=f"other-instance/{KEY}")
+    junk = client.create_multipart_upload(Bucket=BUCKET, Key=f"{PREFIX}/not/a/key")
+    listed = client.list_multipart_uploads(Bucket=BUCKET)["Uploads"]
+    assert len(listed) == 3
+    started = max(u["Initiated"].timestamp() for u in listed)  # moto's clock is its own
+    now = started + 60
+    monkeypatch.setattr("app.storage.s3.time.time", lambda: now)
+    assert storage.sweep(0.0) == 0, "younger than STALE_UPLOAD_AGE: maybe a live writer"
+    assert storage.sweep(30.0) == 0, "max_age below the floor does not lower it"
+    now = started + STALE_UPLOAD_AGE + 60
+    assert storage.sweep(0.0) == 1
+    assert sorted(uploads(client)) == sorted([f"other-instance/{KEY}", f"{PREFIX}/not/a/key"])
+    assert storage.sweep(0.0) == 0
+    dead.abort()  # the abort of an upload already swept is quiet
+    for upload, key in ((foreign, f"other-instance/{KEY}"), (junk, f"{PREFIX}/not/a/key")):
+        client.abort_multipart_upload(Bucket=BUCKET, Key=key, UploadId=upload["UploadId"])
+
+
+def test_list_pages_through_every_sidecar(storage: S3Storage, client: Any) -> None:
+    small = {}
+    for i in range(1005):  # more than one ListObjectsV2 page
+        data = str(i).encode()
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        client.put_object(
+            Bucket=BUCKET, Key=f"{PREFIX}/{keys.sidecar(keys.blob(digest))}", Body=b"{}"
+        )
+        small[keys.blob(digest)] = data
+    assert sorted(storage.list("blobs/")) == sorted(small)
