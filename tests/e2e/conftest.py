@@ -22,7 +22,7 @@ REQUIRED = ("docker-registry", "skopeo", "htpasswd", "strace")
 def _tools() -> None:
     """Missing tools fail the suite; they are never a reason to skip."""
     missing = [tool for tool in REQUIRED if shutil.which(tool) is None]
-    assert not missing, f"end-to-end tests need {missing} (see .ci/run)"
+    assert not missing, f"end-to-end tests need {missing}: run scripts/install-test-deps.sh as root"
 
 
 @pytest.fixture(scope="session")

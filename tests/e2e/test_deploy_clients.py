@@ -80,7 +80,7 @@ def test_every_block_is_tested_or_marked_untested_with_why() -> None:
 
 def tool(name: str) -> str:
     found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
-    assert found, f"{name} not found (Debian package, see .ci/run)"
+    assert found, f"{name} not found (Debian package: scripts/install-test-deps.sh)"
     return found
 
 

@@ -171,7 +171,7 @@ class Nginx:
 
     def command(self, *extra: str) -> list[str]:
         exe = shutil.which("nginx") or "/usr/sbin/nginx"
-        assert Path(exe).exists(), "nginx not found (Debian package nginx, see .ci/run)"
+        assert Path(exe).exists(), "nginx not found (scripts/install-test-deps.sh)"
         return [
             exe,
             "-p",
