@@ -15,15 +15,14 @@ import tempfile
 import time
 from typing import Any
 
+from app.storage import keys
+
 TEMP_PREFIX = ".tmp-"
 
 
 def key_path(root: str, key: str) -> str:
     """Map a key to its path under root; keys come from app.storage.keys, this is a safety net."""
-    parts = key.split("/")
-    if any(part in ("", ".", "..") for part in parts):
-        raise ValueError(f"unsafe storage key {key!r}")
-    return os.path.join(root, *parts)
+    return os.path.join(root, *keys.segments(key))
 
 
 def same_file(fd: int, path: str) -> bool:

@@ -120,6 +120,14 @@ def data(key: str, digest: str) -> str:
     return f"{key}.{algorithm}-{hex_part}"
 
 
+def segments(stored: str) -> list[str]:
+    """The "/"-separated segments of a stored name (a path's parts); ValueError if unsafe."""
+    parts = stored.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"unsafe storage key {stored!r}")
+    return parts
+
+
 def upload(key: str, token: str) -> str:
     """A temporary object for a non-content-addressed key's multipart upload (S3)."""
     return f"{key}{UPLOAD_INFIX}{token}"

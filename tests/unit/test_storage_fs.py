@@ -248,3 +248,32 @@ def test_commit_replaces_the_sidecar_without_unlinking_it(
         writer.commit(META)
     assert unlinked == []
     assert storage.stat(tag) == META
+
+
+def test_a_span_is_a_real_file_positioned_for_sendfile(storage: FilesystemStorage) -> None:
+    """gunicorn sends Content-Length bytes from the descriptor's offset: no copy in Python."""
+    writer = storage.writer(KEY)
+    writer.write(b"hello")
+    writer.commit(META)
+    with storage.open(KEY, META, 1, 3) as fh:
+        fd = fh.fileno()
+        assert os.lseek(fd, 0, os.SEEK_CUR) == 1
+        assert os.pread(fd, 3, 1) == b"ell"
+        buffer = bytearray(10)
+        assert fh.readinto(buffer) == 3 and bytes(buffer[:3]) == b"ell"
+        assert fh.read() == b""
+
+
+def test_list_skips_temp_files_and_the_skipped_directory(root: Path) -> None:
+    spool = root / "manifests" / "spool.test"  # a spool directory configured under FS_ROOT
+    storage = FilesystemStorage(str(root), skip=str(spool))
+    writer = storage.writer(KEY)
+    writer.write(b"hello")
+    writer.commit(META)
+    lookalike = root / keys.sidecar(keys.manifest("spool.test", "app", "v1"))
+    lookalike.parent.mkdir(parents=True)
+    lookalike.write_bytes(META.to_json())  # named like a sidecar, but in the skipped directory
+    (root / "blobs" / "sha256" / f"{TEMP_PREFIX}x.meta.json").write_bytes(b"{}")
+    assert list(storage.list()) == [KEY]
+    unskipped = FilesystemStorage(str(root)).list("manifests/")
+    assert list(unskipped) == [keys.manifest("spool.test", "app", "v1")], "found if not skipped"
