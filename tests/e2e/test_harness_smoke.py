@@ -30,14 +30,14 @@ from harness import (
     skopeo_pull,
     verify_pulled,
 )
-from harness.images import MT_OCI_INDEX, MT_OCI_MANIFEST
+from harness.images import EVERY_MANIFEST_TYPE
 from harness.tokenserver import b64url_decode, decode_jwt_unverified
 
 pytestmark = pytest.mark.e2e
 
 REQUIRED_BINARIES = ("docker-registry", "skopeo", "htpasswd")
 USER, PASSWORD = "alice", "s3cret-pw"
-ACCEPT_ALL = ", ".join([MT_OCI_INDEX, MT_OCI_MANIFEST])
+ACCEPT_ALL = ", ".join(EVERY_MANIFEST_TYPE)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -9,11 +9,11 @@ import pytest
 import requests
 from conftest import PASSWORD, USER
 from harness import BuiltImage, Registry, TokenServer
-from harness.images import MT_OCI_INDEX, MT_OCI_MANIFEST
+from harness.images import EVERY_MANIFEST_TYPE
 from harness.proxyproc import ProxyServer
 
 pytestmark = pytest.mark.e2e
-ACCEPT = {"Accept": f"{MT_OCI_INDEX}, {MT_OCI_MANIFEST}"}
+ACCEPT = {"Accept": ", ".join(EVERY_MANIFEST_TYPE)}
 
 
 @pytest.fixture

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import requests
 from harness import Registry, build_image
-from harness.images import MT_OCI_INDEX, MT_OCI_MANIFEST
+from harness.images import EVERY_MANIFEST_TYPE
 from harness.proxyproc import ProxyServer
 from harness.scrape import metric
 
 pytestmark = pytest.mark.e2e
 TTL = 6.0
-ACCEPT = {"Accept": f"{MT_OCI_INDEX}, {MT_OCI_MANIFEST}"}
+ACCEPT = {"Accept": ", ".join(EVERY_MANIFEST_TYPE)}
 TAG_PATH = "/v2/fresh/app/manifests/v1"
 
 

@@ -10,11 +10,11 @@ import pytest
 import requests
 from conftest import ALIAS, PASSWORD, USER
 from harness import BuiltImage, Registry, TokenServer, skopeo_pull, verify_pulled
-from harness.images import MT_OCI_INDEX, MT_OCI_MANIFEST
+from harness.images import EVERY_MANIFEST_TYPE
 from harness.proxyproc import ProxyServer
 
 pytestmark = pytest.mark.e2e
-ACCEPT = [MT_OCI_INDEX, MT_OCI_MANIFEST]
+ACCEPT = list(EVERY_MANIFEST_TYPE)
 
 
 def _pull_ok(src: str, dest: Path, image: BuiltImage, creds: str | None = None) -> None:

@@ -24,6 +24,11 @@ MT_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MT_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 MT_OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
 MT_OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+MT_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MT_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+# What skopeo, containerd and Docker accept for a tag; only such a request writes a
+# tag's cache entry (SPEC §15 "Tags").
+EVERY_MANIFEST_TYPE = (MT_OCI_INDEX, MT_OCI_MANIFEST, MT_DOCKER_LIST, MT_DOCKER_MANIFEST)
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
 
 DEFAULT_PLATFORMS = ("linux/amd64", "linux/arm64")
