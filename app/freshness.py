@@ -22,7 +22,7 @@ from app.storage import NotFound, ObjectMeta, Storage, StoreError
 
 if TYPE_CHECKING:
     from app.config import Config
-    from app.proxy import Proxy
+    from app.fetch import Fetcher
     from app.upstream import ClientHeaders
 
 log = logging.getLogger("oci_pull_through.freshness")
@@ -74,11 +74,11 @@ def refresh(storage: Storage, key: str, meta: ObjectMeta) -> ObjectMeta:
 
 
 def revalidate(
-    proxy: Proxy, target: Target, key: str, meta: ObjectMeta, client: ClientHeaders
+    fetcher: Fetcher, target: Target, key: str, meta: ObjectMeta, client: ClientHeaders
 ) -> tuple[Action, ObjectMeta]:
     """HEAD upstream for a stale tag (transparent mode): what to do, and the meta to serve."""
     try:
-        check = proxy._send("HEAD", target, client)
+        check = fetcher.send("HEAD", target, client)
     except UpstreamUnavailable as exc:
         log.warning("tag %s is stale and %s; serving the cached copy", target.reference, exc)
         metrics.REVALIDATIONS.labels(STALE_SERVED).inc()
@@ -87,7 +87,7 @@ def revalidate(
     upstream_digest = check.headers.get("Docker-Content-Digest")
     if check.status_code == 200 and upstream_digest == meta.digest:
         metrics.REVALIDATIONS.labels(UNCHANGED).inc()
-        return Action.SERVE, refresh(proxy.storage, key, meta)
+        return Action.SERVE, refresh(fetcher.storage, key, meta)
     if check.status_code == 200 or check.status_code == 404:
         # Moved (or removed) upstream: fetch it and replace the cached copy, or forward the 404.
         metrics.REVALIDATIONS.labels(CHANGED if check.status_code == 200 else FORWARDED).inc()
@@ -102,10 +102,10 @@ def revalidate(
 
 
 def checked(
-    proxy: Proxy, target: Target, key: str, meta: ObjectMeta, upstream_digest: str | None
+    fetcher: Fetcher, target: Target, key: str, meta: ObjectMeta, upstream_digest: str | None
 ) -> ObjectMeta:
     """Authenticated mode already HEADs every hit (§5): a stale, unchanged tag is refreshed."""
-    if upstream_digest == meta.digest and is_stale(target, meta, proxy.config):
+    if upstream_digest == meta.digest and is_stale(target, meta, fetcher.config):
         metrics.REVALIDATIONS.labels(UNCHANGED).inc()
-        return refresh(proxy.storage, key, meta)
+        return refresh(fetcher.storage, key, meta)
     return meta
