@@ -72,6 +72,7 @@ class Config:
     tag_ttl: float = 28 * 86400.0
     latest_ttl: float = 3600.0
     fs_max_bytes: int | None = None
+    prefetch_concurrency: int = 4
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -113,6 +114,7 @@ class Config:
             tag_ttl=reader.duration("TAG_TTL", 28 * 86400.0),
             latest_ttl=reader.duration("LATEST_TTL", 3600.0),
             fs_max_bytes=reader.size("FS_MAX_BYTES"),
+            prefetch_concurrency=reader.integer("PREFETCH_CONCURRENCY", 4, minimum=0),
         )
 
     @property

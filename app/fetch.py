@@ -35,6 +35,7 @@ from app.upstream import (
 )
 
 log = logging.getLogger("oci_pull_through.fetch")
+ManifestFetched = Callable[[Target, ClientHeaders, str, str, bytes], None]
 
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 FILL_WAIT = 600.0  # how long a finished download waits for the store before letting go
@@ -82,6 +83,8 @@ class Fetcher:
         self.config = config
         self.storage = storage
         self.upstream = upstream
+        # Told of each verified image manifest a flight fetched (the proxy's prefetch).
+        self.manifest_fetched: ManifestFetched | None = None
 
     def send(
         self,
@@ -178,7 +181,11 @@ class Fetcher:
                 metrics.fill_finished("manifest", CLIENT_GONE)
                 return
             if ok:
-                self._store_manifest(target, key, client, response, data, _content_length(response))
+                stored = self._store_manifest(
+                    target, key, client, response, data, _content_length(response)
+                )
+                if stored is not None and self.manifest_fetched is not None:
+                    self.manifest_fetched(target, client, stored.digest, stored.media_type, data)
                 headers = policy.registry_headers(MANIFEST, response.headers.items())
             else:
                 headers = _without_length(policy.forwardable_headers(response.headers.items()))
@@ -195,17 +202,18 @@ class Fetcher:
         response: requests.Response,
         data: bytes,
         length: int | None,
-    ) -> None:
-        """Store a verified manifest under its digest and, for a tag, under the tag too.
+    ) -> ObjectMeta | None:
+        """Store a verified manifest under its digest and, for a tag, under the tag too;
+        its meta, or None when the bytes cannot be trusted.
 
-        Only an answer to a client that accepts indexes and image manifests alike becomes
+        Only an answer to a client that accepts every index and image manifest type becomes
         the tag's entry (§15 "Tags"); a narrower one is kept by digest only.
         """
         digest = self._verified_manifest_digest(target, response, data, length)
         if digest is None:
             wrong_size = length is not None and len(data) != length
             metrics.fill_finished("manifest", TRUNCATED if wrong_size else DIGEST_MISMATCH)
-            return
+            return None
         meta = ObjectMeta(
             digest=digest,
             size=len(data),
@@ -223,6 +231,7 @@ class Fetcher:
         except StoreError as exc:
             log.warning("cache commit of %s failed: %s", key, exc)
             metrics.fill_finished("manifest", STORE_ERROR)
+        return meta
 
     def _verified_manifest_digest(
         self, target: Target, response: requests.Response, data: bytes, length: int | None

@@ -335,6 +335,15 @@ class Ticket:
 
         self._fetcher = gevent.spawn(run)
 
+    def finish(self, timeout: float | None = None) -> None:
+        """A leader with no client of its own (a prefetch): wait for the fetch, then leave."""
+        if self._fetcher is not None:
+            self._fetcher.join(timeout=timeout)
+        if self._spool_fd >= 0:
+            os.close(self._spool_fd)
+            self._spool_fd = -1
+        self.release()
+
     def release(self) -> None:
         """Leave the flight (idempotent)."""
         if not self._closed:

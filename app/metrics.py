@@ -60,6 +60,16 @@ COALESCED = Counter(
     "Blob requests that followed another request's download instead of fetching again.",
     registry=REGISTRY,
 )
+PREFETCHED_BYTES = Counter(
+    "oci_prefetched_bytes",
+    "Bytes of blobs downloaded and committed because their manifest was fetched (prefetch).",
+    registry=REGISTRY,
+)
+PREFETCH_UNUSED = Counter(
+    "oci_prefetch_unused",
+    "Prefetched blobs that no client asked for within 10 minutes.",
+    registry=REGISTRY,
+)
 COMMITS = Counter(
     "oci_cache_commits", "Objects committed to the cache, by kind.", ["kind"], registry=REGISTRY
 )

@@ -14,10 +14,11 @@ import gevent
 from app import freshness, metrics, policy, serve
 from app.config import AUTHENTICATED, Config
 from app.errors import RegistryError, UpstreamUnavailable
-from app.fetch import Fetcher, source
+from app.fetch import FILL_WAIT, Fetcher, source
 from app.flight import FlightGone, Flights, SpoolWriter, Uncoalescible
 from app.oci import BLOB, TAGS, Target, accepts
 from app.policy import Action
+from app.prefetch import Prefetcher
 from app.reply import MISS, Reply
 from app.storage import ObjectMeta, Storage, keys
 from app.upstream import ClientHeaders, Upstream
@@ -37,6 +38,8 @@ class Proxy:
         self.upstream = upstream
         self.flights = flights
         self.fetcher = Fetcher(config, storage, upstream)
+        self.prefetcher = Prefetcher(config.prefetch_concurrency, flights.dir)
+        self.fetcher.manifest_fetched = self._prefetch_for
 
     # -- /v2/ ---------------------------------------------------------------------------
 
@@ -85,6 +88,8 @@ class Proxy:
         if action is Action.SERVE and meta is not None:
             reply = serve.manifest_from_cache(self.storage, self.config, target, key, meta, method)
             if reply is not None:
+                if method == "GET" and isinstance(reply.body, bytes):
+                    self._prefetch_for(target, client, meta.digest, meta.media_type, reply.body)
                 return reply
             action = policy.plan(self.config.proxy_mode, method, False, cacheable)
         if action is Action.FORWARD_AND_FILL and method == "GET":
@@ -102,6 +107,7 @@ class Proxy:
     ) -> Reply:
         """A blob: always cached, served with sendfile or a presigned redirect on a hit."""
         self.upstream.check_allowed(target.registry)  # before the cache: §15
+        self.prefetcher.blob_requested(target.reference)
         key = keys.blob(target.reference)
         meta = self._usable_blob(target, key)
         action = policy.plan(self.config.proxy_mode, method, meta is not None, True)
@@ -248,6 +254,41 @@ class Proxy:
             lambda spool: self.fetcher.fetch_manifest(target, key, client, spool),
             gone,
         )
+
+    # -- prefetch ---------------------------------------------------------------------------
+
+    def _prefetch_for(
+        self, target: Target, client: ClientHeaders, digest: str, media_type: str, data: bytes
+    ) -> None:
+        """An image manifest was served by GET: fetch its blobs before they are asked for."""
+        self.prefetcher.manifest_served(
+            f"{source(target)}@{digest}",
+            media_type,
+            data,
+            lambda blob: self._prefetch_blob(target, client, blob),
+        )
+
+    def _prefetch_blob(self, manifest: Target, client: ClientHeaders, digest: str) -> bool:
+        """Lead the blob's flight unless it is cached or already in flight; True if fetched.
+
+        The client's own credentials fetch it, under the same flight key its blob request
+        will use, so that request joins (after its own check, in authenticated mode).
+        """
+        target = Target(manifest.registry, manifest.name, BLOB, digest, manifest.client_name)
+        key = keys.blob(digest)
+        if self._usable_blob(target, key) is not None:
+            return False
+        ticket = self.flights.join(self._flight_key(target, key))
+        if not ticket.leader or self._usable_blob(target, key) is not None:
+            ticket.release()
+            return False
+        ticket.start(lambda spool: self.fetcher.fetch_blob(target, key, client, spool))
+        ticket.finish(timeout=FILL_WAIT)
+        meta = self.fetcher.lookup(key)
+        if meta is None or meta.digest != digest:
+            return False
+        metrics.PREFETCHED_BYTES.inc(meta.size)
+        return True
 
     # -- pass-through -----------------------------------------------------------------------
 
