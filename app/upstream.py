@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 import time
@@ -118,6 +119,18 @@ MAX_TOKEN_BODY = 1024 * 1024
 
 class TooLarge(Exception):
     """An upstream body went past its cap (counted in bytes read, not Content-Length)."""
+
+
+class TokenRefused(UpstreamUnavailable):
+    """A token realm answered 401 or 403: the credentials sent (or none) are not enough."""
+
+
+@dataclass(frozen=True)
+class RealmToken:
+    """A token a registry's realm issued, and its lifetime in seconds."""
+
+    value: str
+    expires_in: float
 
 
 def read_limited(response: requests.Response, limit: int) -> bytes:
@@ -262,35 +275,64 @@ class Upstream:
             cached = self.tokens.get(registry, scope)
             if cached:
                 return cached
-        params = {k: v for k, v in (("service", challenge.get("service")), ("scope", scope)) if v}
+        params = [(k, v) for k, v in (("service", challenge.get("service")), ("scope", scope)) if v]
+        try:
+            token = self.fetch_token(registry, challenge["realm"], params)
+        except UpstreamUnavailable:  # TokenRefused too
+            return None
+        if scope:
+            self.tokens.put(registry, scope, token.value, token.expires_in)
+        return token.value
+
+    def fetch_token(
+        self, registry: str, realm: str, params: list[tuple[str, str]], basic: str | None = None
+    ) -> RealmToken:
+        """One token from a registry's realm, with Basic credentials when given.
+
+        The one upstream token fetch, for the anonymous dance and the token proxy alike: SSRF
+        guarded (Denied), body capped at MAX_TOKEN_BODY, counted in the upstream metrics.
+        Raises TokenRefused for a 401/403 and UpstreamUnavailable for any other failure.
+        """
+        headers = {"Authorization": f"Basic {basic}"} if basic is not None else {}
+        started = time.monotonic()
         try:
             reply = self.session.get(
-                challenge["realm"],
+                realm,
                 params=params,
+                headers=headers,
                 timeout=self.timeout,
                 allow_redirects=False,
                 stream=True,
             )
-            with reply:
-                if reply.status_code != 200:
-                    return None
-                body = json.loads(read_limited(reply, MAX_TOKEN_BODY))
         except BlockedAddress as exc:
             raise Denied(f"token realm of {registry} refused: {exc}") from None
-        except (requests.RequestException, HTTPError, OSError, TooLarge, ValueError):
-            return None
-        if not isinstance(body, dict):
-            return None
-        token = body.get("token") or body.get("access_token")
-        if not isinstance(token, str) or not token:
-            return None
+        except (requests.RequestException, HTTPError, OSError, ValueError):
+            metrics.upstream_answered(registry, "error", time.monotonic() - started)
+            raise UpstreamUnavailable(registry, "token realm unreachable") from None
+        metrics.upstream_answered(registry, reply.status_code, time.monotonic() - started)
+        with reply:
+            if reply.status_code in (401, 403):
+                raise TokenRefused(registry, f"token realm answered {reply.status_code}")
+            if reply.status_code != 200:
+                raise UpstreamUnavailable(registry, f"token realm answered {reply.status_code}")
+            try:
+                body = json.loads(read_limited(reply, MAX_TOKEN_BODY))
+            except TooLarge:
+                raise UpstreamUnavailable(
+                    registry, f"token answer larger than {MAX_TOKEN_BODY} bytes"
+                ) from None
+            except ValueError:
+                raise UpstreamUnavailable(registry, "token realm sent no JSON") from None
+            except (requests.RequestException, HTTPError, OSError):
+                raise UpstreamUnavailable(registry, "token answer failed") from None
+        value = body.get("token") or body.get("access_token") if isinstance(body, dict) else None
+        if not isinstance(value, str) or not value:
+            raise UpstreamUnavailable(registry, "token realm sent no token")
         try:
             expires_in = float(body.get("expires_in") or 60)
         except (TypeError, ValueError):
             expires_in = 60.0
-        if scope:
-            self.tokens.put(registry, scope, token, expires_in)
-        return token
+        return RealmToken(value, expires_in if math.isfinite(expires_in) else 60.0)
 
     def _forward_headers(self, client: ClientHeaders, forward_range: bool) -> dict[str, str]:
         headers: dict[str, str] = {}
