@@ -57,14 +57,14 @@ def create_app(config: Config | None = None) -> Flask:
     from flask import Flask, Response, request
 
     from app import metrics
+    from app.auth.proxy import TokenProxy
+    from app.auth.tokens import Sealer
     from app.blueprints import ops, token, v2
     from app.config import Config, spool_dir
     from app.errors import RegistryError
     from app.flight import Flights
     from app.proxy import Proxy
     from app.storage import make_storage, sweep_in_background
-    from app.tokenproxy import TokenProxy
-    from app.tokens import Sealer
     from app.upstream import Upstream
 
     config = config or Config.from_env()

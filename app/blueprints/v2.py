@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 from flask import Blueprint, Response, current_app, request
 
-from app.blueprints.token import token_proxy, token_realm, with_proxy_challenge
-from app.challenge import proxy_challenge
+from app.auth.realm import proxy_challenge
+from app.blueprints.common import API_VERSION, token_proxy, token_realm, with_proxy_challenge
 from app.errors import Unsupported
 from app.oci import BLOB, MANIFEST, REFERRERS, TAGS, parse_target
 from app.proxy import Proxy
@@ -17,7 +17,6 @@ from app.reqlog import RequestRecord, counted, read_span, wrap_file
 from app.upstream import ClientHeaders
 
 bp = Blueprint("v2", __name__)
-API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
 FILE_BLOCK = 1024 * 1024
 _READ_METHODS = ("GET", "HEAD")
 _ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]

@@ -1,11 +1,17 @@
-"""app/scopes.py: scopes written with client-side names resolve like /v2/ paths (SPEC §2)."""
+"""app/auth/scopes.py: scopes written with client-side names resolve like /v2/ paths (SPEC §2)."""
 
 from __future__ import annotations
 
 import pytest
 
+from app.auth.scopes import (
+    RepositoryScope,
+    by_registry,
+    parse_scopes,
+    resolve_scope_name,
+    split_scope,
+)
 from app.errors import NameInvalid, TooManyScopes
-from app.scopes import RepositoryScope, by_registry, parse_scopes, resolve_scope_name, split_scope
 
 
 def test_split_scope_keeps_host_port_in_the_name() -> None:

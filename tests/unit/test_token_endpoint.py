@@ -318,8 +318,8 @@ def test_oversized_token_answer_is_502_authenticated_anonymous_transparent(
 def test_challenge_cache_is_bounded_and_drops_expired_entries(
     mock: responses.RequestsMock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from app import challenge as challenge_module
-    from app.challenge import ChallengeCache
+    from app.auth import challenge as challenge_module
+    from app.auth.challenge import ChallengeCache
     from app.upstream import Upstream
 
     now = [1000.0]

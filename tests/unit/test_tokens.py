@@ -1,4 +1,4 @@
-"""app/tokens.py: sealed proxy tokens resist tampering, expire, and need the right key."""
+"""app/auth/tokens.py: sealed proxy tokens resist tampering, expire, and need the right key."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import base64
 
 import pytest
 
-from app.tokens import BASIC, BEARER, NONE, PREFIX, Grant, Sealer, derive_key, is_proxy_token
+from app.auth import Scheme
+from app.auth.tokens import PREFIX, Grant, Sealer, derive_key, is_proxy_token
 
 GRANTS = {
-    "upstream.test": Grant(BEARER, "upstream-jwt"),
-    "basic.test:5000": Grant(BASIC, base64.b64encode(b"alice:pw").decode()),
+    "upstream.test": Grant(Scheme.BEARER, "upstream-jwt"),
+    "basic.test:5000": Grant(Scheme.BASIC, base64.b64encode(b"alice:pw").decode()),
 }
 
 
@@ -32,7 +33,7 @@ def test_a_registry_without_a_grant_is_anonymous() -> None:
     sealer = Sealer(b"a shared secret of some length")
     opened = sealer.open(_sealed(sealer), now=1_000_000.0)
     assert opened is not None
-    assert opened.grant_for("other.test") == Grant(NONE)
+    assert opened.grant_for("other.test") == Grant(Scheme.NONE)
     assert opened.grant_for("other.test").authorization() is None
 
 

@@ -3,7 +3,7 @@
 No Flask here. For each upstream named by a token request's scopes, the issuer learns
 the upstream's challenge and obtains access for the upstream-side names: a token from a
 Bearer upstream's realm, checked Basic credentials, or nothing for an open registry. The
-grants for every registry go into one sealed proxy token (app.tokens); on a registry
+grants for every registry go into one sealed proxy token (app.auth.tokens); on a registry
 request, only the grant for that request's registry is sent, and only to that registry.
 """
 
@@ -11,23 +11,16 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import json
 import logging
 from dataclasses import dataclass, replace
 
-import requests
-from urllib3.exceptions import HTTPError
-
-from app.challenge import BASIC, BEARER, ChallengeCache
+from app.auth import Scheme
+from app.auth.challenge import ChallengeCache
+from app.auth.scopes import RepositoryScope, by_registry
+from app.auth.tokens import Grant, Sealer, is_proxy_token
 from app.config import TRANSPARENT, Config
-from app.errors import Denied, RegistryError, UpstreamUnavailable
-from app.netguard import BlockedAddress
-from app.scopes import RepositoryScope, by_registry
-from app.tokens import BASIC as GRANT_BASIC
-from app.tokens import BEARER as GRANT_BEARER
-from app.tokens import NONE as GRANT_NONE
-from app.tokens import Grant, Sealer, is_proxy_token
-from app.upstream import MAX_TOKEN_BODY, ClientHeaders, TooLarge, Upstream, read_limited
+from app.errors import RegistryError, UpstreamUnavailable
+from app.upstream import ClientHeaders, TokenRefused, Upstream
 
 log = logging.getLogger("oci_pull_through.tokens")
 MIN_TTL = 10
@@ -117,7 +110,7 @@ class TokenProxy:
         if not is_proxy_token(client.authorization):
             return client
         token = self.sealer.open_header(client.authorization)
-        grant = token.grant_for(registry) if token is not None else Grant(GRANT_NONE)
+        grant = token.grant_for(registry) if token is not None else Grant(Scheme.NONE)
         return replace(client, authorization=grant.authorization())
 
     # -- per upstream --------------------------------------------------------------------
@@ -130,16 +123,16 @@ class TokenProxy:
             creds = None  # §15: not to its /v2/, not to its realm; the grant is anonymous
         try:
             challenge = self.challenges.get(registry)
-            if challenge.scheme == BEARER:
+            if challenge.scheme == Scheme.BEARER:
                 return self._bearer(registry, challenge.realm, challenge.service, scopes, creds)
-            if challenge.scheme == BASIC and creds is not None:
+            if challenge.scheme == Scheme.BASIC and creds is not None:
                 self._check_basic(registry, creds)
-                return Grant(GRANT_BASIC, creds.basic()), None
+                return Grant(Scheme.BASIC, creds.basic()), None
         except UpstreamUnavailable as exc:
             if self.config.proxy_mode != TRANSPARENT:
                 raise
             log.warning("%s; issuing an anonymous proxy token", exc.message)
-        return Grant(GRANT_NONE), None
+        return Grant(Scheme.NONE), None
 
     def _bearer(
         self,
@@ -151,45 +144,14 @@ class TokenProxy:
     ) -> tuple[Grant, int | None]:
         params = [("service", service)] if service else []
         params += [("scope", scope.upstream_scope) for scope in scopes]
-        headers = {"Authorization": f"Basic {creds.basic()}"} if creds else {}
+        basic = creds.basic() if creds is not None else None
         try:
-            reply = self.upstream.session.get(
-                realm,
-                params=params,
-                headers=headers,
-                timeout=self.upstream.timeout,
-                allow_redirects=False,
-                stream=True,
-            )
-        except BlockedAddress as exc:
-            raise Denied(f"token realm of {registry} refused: {exc}") from None
-        except requests.RequestException:
-            raise UpstreamUnavailable(registry, "token realm unreachable") from None
-        with reply:
-            if reply.status_code in (401, 403):
-                if creds is not None:
-                    raise Unauthorized(f"{registry} rejected the credentials")
-                return Grant(GRANT_NONE), None
-            if reply.status_code != 200:
-                raise UpstreamUnavailable(registry, f"token realm answered {reply.status_code}")
-            try:
-                body = json.loads(read_limited(reply, MAX_TOKEN_BODY))
-            except TooLarge:
-                raise UpstreamUnavailable(
-                    registry, f"token answer larger than {MAX_TOKEN_BODY} bytes"
-                ) from None
-            except ValueError:
-                raise UpstreamUnavailable(registry, "token realm sent no JSON") from None
-            except (requests.RequestException, HTTPError, OSError):
-                raise UpstreamUnavailable(registry, "token answer failed") from None
-        value = body.get("token") or body.get("access_token") if isinstance(body, dict) else None
-        if not isinstance(value, str) or not value:
-            raise UpstreamUnavailable(registry, "token realm sent no token")
-        try:
-            lifetime = int(float(body.get("expires_in") or 60))
-        except (TypeError, ValueError):
-            lifetime = 60
-        return Grant(GRANT_BEARER, value), lifetime
+            token = self.upstream.fetch_token(registry, realm, params, basic=basic)
+        except TokenRefused:
+            if creds is not None:
+                raise Unauthorized(f"{registry} rejected the credentials") from None
+            return Grant(Scheme.NONE), None
+        return Grant(Scheme.BEARER, token.value), int(token.expires_in)
 
     def _check_basic(self, registry: str, creds: Credentials) -> None:
         """One upstream request with the credentials; a rejection is the client's 401."""

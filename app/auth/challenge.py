@@ -1,4 +1,4 @@
-"""What each upstream asks for: its /v2/ answer, learned once and kept briefly; and ours."""
+"""What each upstream asks for: its /v2/ answer, learned once and kept briefly (bounded)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from app.auth import Scheme
 from app.errors import UpstreamUnavailable
 from app.upstream import ClientHeaders, Upstream, parse_bearer_challenge
 
-SERVICE = "oci-pull-through"
-BEARER, BASIC, NONE = "bearer", "basic", "none"
 MAX_CHALLENGES = 1024
 
 
@@ -18,7 +17,7 @@ MAX_CHALLENGES = 1024
 class Challenge:
     """An upstream's auth scheme; realm and service for Bearer."""
 
-    scheme: str
+    scheme: Scheme
     realm: str = ""
     service: str = ""
 
@@ -26,14 +25,14 @@ class Challenge:
 def parse_challenge(status: int, header: str | None) -> Challenge | None:
     """Challenge of a /v2/ answer: 200 means no auth; None when the answer is unusable."""
     if status == 200:
-        return Challenge(NONE)
+        return Challenge(Scheme.NONE)
     if status != 401:
         return None
     bearer = parse_bearer_challenge(header)
     if bearer is not None:
-        return Challenge(BEARER, bearer["realm"], bearer.get("service", ""))
+        return Challenge(Scheme.BEARER, bearer["realm"], bearer.get("service", ""))
     if header and header.strip().lower().startswith("basic"):
-        return Challenge(BASIC)
+        return Challenge(Scheme.BASIC)
     return None
 
 
@@ -82,15 +81,3 @@ class ChallengeCache:
 
     def __len__(self) -> int:
         return len(self._known)
-
-
-def _quote(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"')
-
-
-def proxy_challenge(realm: str, scope: str | None = None) -> str:
-    """The WWW-Authenticate the proxy sends: its own token endpoint, the client-side scope."""
-    header = f'Bearer realm="{_quote(realm)}",service="{SERVICE}"'
-    if scope:
-        header += f',scope="{_quote(scope)}"'
-    return header
