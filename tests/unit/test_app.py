@@ -65,6 +65,9 @@ def make_app(tmp_path: Path, mode: str = TRANSPARENT, **kwargs: object) -> Flask
         "storage_backend": "fs",
         "fs_root": str(tmp_path / "cache"),
         "upstream_registry": REG,
+        # These tests count upstream calls per request; prefetch (background blob GETs after a
+        # manifest GET) has its own tests below and in tests/unit/test_prefetcher.py.
+        "prefetch_concurrency": 0,
         **kwargs,
     }
     config = Config(proxy_mode=mode, **settings)  # type: ignore[arg-type]
@@ -770,3 +773,30 @@ def test_authorization_is_never_logged(
     fetch(client, f"/v2/{NAME}/manifests/v1", headers={"Authorization": secret})
     assert caplog.records  # the request lines were logged
     assert "s3cr3t" not in caplog.text
+
+
+# -- prefetch wiring ------------------------------------------------------------------------------
+
+
+def test_manifest_get_prefetches_its_config_and_head_does_not(
+    tmp_path: Path, mock: responses.RequestsMock
+) -> None:
+    import gevent
+
+    client = make_app(tmp_path, prefetch_concurrency=2).test_client()
+    upstream_manifest(mock, MANIFEST_DIGEST)
+    upstream_blob(mock)
+    mock.head(f"{UP}/v2/{NAME}/manifests/{MANIFEST_DIGEST}", headers=manifest_headers())
+    assert fetch(client, f"/v2/{NAME}/manifests/{MANIFEST_DIGEST}", "HEAD").status == 200
+    gevent.sleep(0.1)
+    assert [c.request.url for c in mock.calls if "/blobs/" in c.request.url] == []
+    assert fetch(client, f"/v2/{NAME}/manifests/{MANIFEST_DIGEST}").status == 200
+    for _ in range(50):
+        gevent.sleep(0.02)
+        if (tmp_path / "cache" / "blobs" / "sha256" / BLOB_DIGEST[7:]).exists():
+            break
+    blob_gets = [c.request.url for c in mock.calls if "/blobs/" in c.request.url]
+    assert blob_gets == [f"{UP}{BLOB_PATH}"], "the config was prefetched"
+    answer = fetch(client, BLOB_PATH)
+    assert (answer.status, answer.data) == (200, BLOB)
+    assert len([c for c in mock.calls if "/blobs/" in c.request.url]) == 1, "a hit"
