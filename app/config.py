@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ _FALSE = ("0", "false", "no", "off")
 _LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
 _MAX_PRESIGN_SECONDS = 7 * 24 * 3600
 _MIN_SECRET = 16
+_DNS_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?(?::[0-9]{1,5})?")
 # Set by gunicorn.conf.py in the master when TOKEN_SECRET is unset, so that all workers
 # of one server share one random per-start key.
 EPHEMERAL_SECRET = "OCI_PULL_THROUGH_EPHEMERAL_TOKEN_SECRET"
@@ -73,6 +75,10 @@ class Config:
     latest_ttl: float = 3600.0
     fs_max_bytes: int | None = None
     prefetch_concurrency: int = 4
+    peers: tuple[str, ...] = ()
+    peers_dns: str | None = None
+    peer_url: str | None = None
+    cluster_secret: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -80,6 +86,7 @@ class Config:
         env = os.environ if environ is None else environ
         reader = _Reader(env)
         tls = reader.boolean("GENERATE_SELF_SIGNED_TLS", False)
+        cluster = reader.cluster()
         return cls(
             proxy_mode=reader.choice("PROXY_MODE", None, (TRANSPARENT, AUTHENTICATED)),
             storage_backend=reader.choice("STORAGE_BACKEND", "s3", ("s3", "fs")),
@@ -115,7 +122,19 @@ class Config:
             latest_ttl=reader.duration("LATEST_TTL", 3600.0),
             fs_max_bytes=reader.size("FS_MAX_BYTES"),
             prefetch_concurrency=reader.integer("PREFETCH_CONCURRENCY", 4, minimum=0),
+            peers=cluster[0],
+            peers_dns=cluster[1],
+            peer_url=cluster[2],
+            cluster_secret=reader.secret("CLUSTER_SECRET"),
         )
+
+    @property
+    def peer_secret(self) -> str | None:
+        """The peer HMAC's key material: CLUSTER_SECRET, else a chosen TOKEN_SECRET, else None
+        (a per-start random TOKEN_SECRET differs between replicas: clustering is then off)."""
+        if self.cluster_secret:
+            return self.cluster_secret
+        return None if self.token_secret_ephemeral else self.token_secret
 
     @property
     def credential_patterns(self) -> tuple[str, ...]:
@@ -279,6 +298,32 @@ class _Reader:
         if value is not None and len(value) < _MIN_SECRET:
             raise ConfigError(name, "<hidden>", f"expected at least {_MIN_SECRET} characters")
         return value
+
+    def cluster(self) -> tuple[tuple[str, ...], str | None, str | None]:
+        """PEERS, PEERS_DNS and PEER_URL, checked together."""
+        from app.peers import canonical_url
+
+        peers_value = self.raw("PEERS") or ""
+        try:
+            peers = tuple(canonical_url(p) for p in peers_value.split(",") if p.strip())
+        except ValueError:
+            raise ConfigError(
+                "PEERS", peers_value, "expected comma-separated http(s)://host:port"
+            ) from None
+        dns = self.raw("PEERS_DNS")
+        if dns is not None and not _DNS_NAME.fullmatch(dns):
+            raise ConfigError("PEERS_DNS", dns, "expected a DNS name[:port]")
+        peer_url = self.raw("PEER_URL")
+        if peer_url is not None:
+            try:
+                peer_url = canonical_url(peer_url)
+            except ValueError:
+                raise ConfigError("PEER_URL", peer_url, "expected http(s)://host:port") from None
+        if (peers or dns) and peer_url is None:
+            raise ConfigError("PEER_URL", None, "required with PEERS or PEERS_DNS")
+        if (peers or dns) and (self.raw("STORAGE_BACKEND") or "s3").lower() == "fs":
+            raise ConfigError("PEERS", peers_value or dns, "replicas need STORAGE_BACKEND=s3")
+        return peers, dns, peer_url
 
     def networks(self, name: str, default: str) -> tuple[str, ...]:
         value = self.raw(name) or default

@@ -108,6 +108,28 @@ EVICTED_BYTES = Counter(
     "oci_cache_evicted_bytes", "Bytes evicted from the filesystem cache.", registry=REGISTRY
 )
 
+PEER_FETCHES = Counter(
+    "oci_peer_fetches",
+    "Misses asked of the owning replica, by outcome (ok, forwarded, cached, unreachable, "
+    "refused, truncated, digest mismatch).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+PEER_BYTES = Counter(
+    "oci_peer_bytes", "Body bytes received from owning replicas.", registry=REGISTRY
+)
+PEER_FALLBACKS = Counter(
+    "oci_peer_fallbacks",
+    "Misses fetched upstream by this replica because the owning replica failed.",
+    registry=REGISTRY,
+)
+PEER_REQUESTS = Counter(
+    "oci_peer_requests",
+    "Requests on the internal peer endpoint, by outcome (served, refused).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+
 _SOURCES = {"hit": "cache", "redirect": "redirect", "miss": "upstream", "bypass": "upstream"}
 _COMMITTED = "committed"
 
