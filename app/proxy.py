@@ -17,6 +17,8 @@ from app.errors import RegistryError, UpstreamUnavailable
 from app.fetch import FILL_WAIT, Fetcher, source
 from app.flight import FlightGone, Flights, SpoolWriter, Uncoalescible
 from app.oci import BLOB, TAGS, Target, accepts
+from app.peerfetch import PeerFetcher
+from app.peers import PeerAuth, PeerSet
 from app.policy import Action
 from app.prefetch import Prefetcher
 from app.reply import MISS, Reply
@@ -40,6 +42,27 @@ class Proxy:
         self.fetcher = Fetcher(config, storage, upstream)
         self.prefetcher = Prefetcher(config.prefetch_concurrency, flights.dir)
         self.fetcher.manifest_fetched = self._prefetch_for
+        self.peerfetch: PeerFetcher | None = None
+
+    def join_cluster(self, peers: PeerSet, auth: PeerAuth) -> None:
+        """Misses that another live replica owns are fetched from it (app/peerfetch.py)."""
+        self.peerfetch = PeerFetcher(self.config, peers, auth, self.fetcher)
+
+    def _fetch_for(
+        self, target: Target, key: str, client: ClientHeaders, local_only: bool
+    ) -> Callable[[SpoolWriter], None]:
+        """The flight's fetcher: from the owning replica, else upstream. A peer's request is
+        local_only: it is never forwarded again, so peers that disagree cannot loop."""
+        owner = None if local_only or self.peerfetch is None else self.peerfetch.owner(target)
+        if target.kind == BLOB:
+            if owner is not None and self.peerfetch is not None:
+                peer = self.peerfetch
+                return lambda spool: peer.fetch_blob(owner, target, key, client, spool)
+            return lambda spool: self.fetcher.fetch_blob(target, key, client, spool)
+        if owner is not None and self.peerfetch is not None:
+            peer = self.peerfetch
+            return lambda spool: peer.fetch_manifest(owner, target, key, client, spool)
+        return lambda spool: self.fetcher.fetch_manifest(target, key, client, spool)
 
     # -- /v2/ ---------------------------------------------------------------------------
 
@@ -57,7 +80,12 @@ class Proxy:
     # -- manifests ------------------------------------------------------------------------
 
     def manifest(
-        self, target: Target, method: str, client: ClientHeaders, gone: ClientGoneCheck = None
+        self,
+        target: Target,
+        method: str,
+        client: ClientHeaders,
+        gone: ClientGoneCheck = None,
+        local_only: bool = False,
     ) -> Reply:
         """A manifest by tag or digest (§5, §6, §15)."""
         self.upstream.check_allowed(target.registry)  # before the cache: §15
@@ -95,7 +123,7 @@ class Proxy:
         if action is Action.FORWARD_AND_FILL and method == "GET":
             # A cached copy that brought us here (moved or stale upstream) must not be served.
             return self._coalesced_manifest(
-                target, key, client, meta.digest if meta else None, gone
+                target, key, client, meta.digest if meta else None, gone, local_only
             )
         response = self.fetcher.send(method, target, client)
         return self.fetcher.forward(response, method, target)
@@ -103,7 +131,12 @@ class Proxy:
     # -- blobs ----------------------------------------------------------------------------
 
     def blob(
-        self, target: Target, method: str, client: ClientHeaders, gone: ClientGoneCheck = None
+        self,
+        target: Target,
+        method: str,
+        client: ClientHeaders,
+        gone: ClientGoneCheck = None,
+        local_only: bool = False,
     ) -> Reply:
         """A blob: always cached, served with sendfile or a presigned redirect on a hit."""
         self.upstream.check_allowed(target.registry)  # before the cache: §15
@@ -123,7 +156,7 @@ class Proxy:
                 return reply
             action = policy.plan(self.config.proxy_mode, method, False, True)
         if action is Action.FORWARD_AND_FILL and method == "GET" and not client.range:
-            return self._coalesced_blob(target, key, client, gone)
+            return self._coalesced_blob(target, key, client, gone, local_only)
         response = self.fetcher.send(
             method, target, client, forward_range=True, follow_redirects=True
         )
@@ -194,7 +227,12 @@ class Proxy:
         raise UpstreamUnavailable(target.registry, "the download kept failing; try again")
 
     def _coalesced_blob(
-        self, target: Target, key: str, client: ClientHeaders, gone: ClientGoneCheck
+        self,
+        target: Target,
+        key: str,
+        client: ClientHeaders,
+        gone: ClientGoneCheck,
+        local_only: bool = False,
     ) -> Reply:
         """A blob miss: one download per instance and registry, every client streams it."""
 
@@ -217,7 +255,7 @@ class Proxy:
             self._flight_key(target, key),
             client,
             from_cache,
-            lambda spool: self.fetcher.fetch_blob(target, key, client, spool),
+            self._fetch_for(target, key, client, local_only),
             gone,
         )
 
@@ -228,6 +266,7 @@ class Proxy:
         client: ClientHeaders,
         replaced: str | None,
         gone: ClientGoneCheck = None,
+        local_only: bool = False,
     ) -> Reply:
         """A manifest miss: one fetch per instance and distinct Accept (it shapes the answer)."""
         accept = ",".join(sorted(m.strip() for a in client.accept for m in a.split(",")))
@@ -251,7 +290,7 @@ class Proxy:
             f"{key}|{accept}",
             client,
             from_cache,
-            lambda spool: self.fetcher.fetch_manifest(target, key, client, spool),
+            self._fetch_for(target, key, client, local_only),
             gone,
         )
 
@@ -282,7 +321,7 @@ class Proxy:
         if not ticket.leader or self._usable_blob(target, key) is not None:
             ticket.release()
             return False
-        ticket.start(lambda spool: self.fetcher.fetch_blob(target, key, client, spool))
+        ticket.start(self._fetch_for(target, key, client, False))
         ticket.finish(timeout=FILL_WAIT)
         meta = self.fetcher.lookup(key)
         if meta is None or meta.digest != digest:

@@ -1,0 +1,254 @@
+"""Cluster-wide single flight: three replicas sharing one SeaweedFS bucket (issue 13).
+
+Each replica has its own SPOOL_DIR and TMPDIR (on one host a shared spool would coalesce
+them through flock alone and prove nothing about peers), its own PEER_URL, and PEERS
+listing all three.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlencode
+
+import pytest
+import requests
+from harness.fakeupstream import FakeUpstream
+from harness.ports import free_port
+from harness.proxyproc import ProxyServer
+from harness.scrape import metric
+from harness.seaweed import SeaweedFS
+
+from app.peers import AUTH_HEADER, CREDENTIAL_HEADER, PeerAuth, canonical_url, rendezvous
+from app.storage import keys
+
+pytestmark = pytest.mark.e2e
+MiB = 1024 * 1024
+SECRET = "cluster-secret-for-e2e-tests"
+BUCKET = "e2e-cluster"
+_prefixes = itertools.count()
+
+Cluster = list[ProxyServer]
+
+
+@pytest.fixture
+def cluster(
+    make_proxy: Callable[..., ProxyServer],
+    fake: FakeUpstream,
+    seaweed_server: SeaweedFS,
+    tmp_path: Path,
+) -> Cluster:
+    """Three gunicorn replicas on loopback, one bucket and prefix, each its own spool."""
+    ports = [free_port() for _ in range(3)]
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    prefix = f"cluster{next(_prefixes)}-{os.getpid()}"
+    started = []
+    for i, port in enumerate(ports):
+        own = tmp_path / f"replica{i}"
+        (own / "tmp").mkdir(parents=True)
+        env = {
+            "STORAGE_BACKEND": "s3",
+            **seaweed_server.env(),
+            "S3_BUCKET": BUCKET,
+            "S3_PREFIX": prefix,
+            "SPOOL_DIR": str(own / "spool"),
+            "TMPDIR": str(own / "tmp"),
+            "UPSTREAM_REGISTRY": fake.host,
+            "INSECURE_REGISTRIES": fake.host,
+            "PEERS": ",".join(urls),
+            "PEER_URL": urls[i],
+            "CLUSTER_SECRET": SECRET,
+            "WEB_CONCURRENCY": "2",
+        }
+        started.append(make_proxy(env, port=port))
+    return started
+
+
+def owner_of(cluster: Cluster, digest: str) -> int:
+    """Which replica owns a blob, by the same rendezvous hash the replicas use."""
+    urls = [canonical_url(p.url) for p in cluster]
+    return urls.index(rendezvous(urls, keys.blob(digest)))
+
+
+def get_many(urls: list[str]) -> list[tuple[int, bytes] | Exception]:
+    """GET every URL at once, one thread each; a cut response is its exception."""
+    results: list[tuple[int, bytes] | Exception] = [Exception("not run")] * len(urls)
+
+    def one(i: int) -> None:
+        try:
+            with requests.get(urls[i], timeout=120) as r:
+                results[i] = (r.status_code, r.content)
+        except requests.RequestException as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(urls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=150)
+    return results
+
+
+def shown(results: list[tuple[int, bytes] | Exception]) -> list[object]:
+    return [r if isinstance(r, Exception) else (r[0], len(r[1])) for r in results]
+
+
+def open_uploads(proxy: ProxyServer) -> list[dict]:
+    listed = proxy.s3_client().list_multipart_uploads(Bucket=BUCKET)
+    return list(listed.get("Uploads", []))
+
+
+def stored_bytes(proxy: ProxyServer, digest: str) -> bytes:
+    obj = proxy.s3_client().get_object(Bucket=BUCKET, Key=proxy.s3_key(digest))
+    return obj["Body"].read()
+
+
+def test_thirty_clients_over_three_replicas_make_one_upstream_get(
+    cluster: Cluster, fake: FakeUpstream
+) -> None:
+    digest, data = fake.blob("co/repo", 64 * MiB, chunk=MiB, delay_per_chunk=0.02)
+    urls = [f"{cluster[i % 3].url}/v2/co/repo/blobs/{digest}" for i in range(30)]
+    started = time.monotonic()
+    results = get_many(urls)
+    wall = time.monotonic() - started
+    assert all(r == (200, data) for r in results), shown(results)
+    assert fake.count("GET", digest) == 1
+    owner = owner_of(cluster, digest)
+    assert cluster[owner].wait_cached([digest], timeout=20) == []
+    assert hashlib.sha256(stored_bytes(cluster[owner], digest)).hexdigest() == digest[7:]
+    assert open_uploads(cluster[owner]) == []
+    askers = [p for i, p in enumerate(cluster) if i != owner]
+    assert [metric(p, "oci_peer_fetches_total", outcome="ok") for p in askers] == [1.0, 1.0]
+    assert metric(cluster[owner], "oci_peer_requests_total", outcome="served") == 2.0
+    assert sum(metric(p, "oci_peer_bytes_total") for p in askers) == 2 * len(data)
+    print(f"30 clients, 3 replicas, 64 MiB cold: 1 upstream GET, {wall:.2f}s")
+
+
+def test_owner_killed_mid_stream_cuts_clients_and_a_retry_succeeds(
+    cluster: Cluster, fake: FakeUpstream
+) -> None:
+    digest, data = fake.blob("co/repo", 64 * MiB, chunk=MiB, delay_per_chunk=0.08)
+    owner = owner_of(cluster, digest)
+    askers = [p for i, p in enumerate(cluster) if i != owner]
+    urls = [f"{askers[i % 2].url}/v2/co/repo/blobs/{digest}" for i in range(10)]
+    urls += [f"{cluster[owner].url}/v2/co/repo/blobs/{digest}" for _ in range(4)]
+    results: list[tuple[int, bytes] | Exception] = []
+    runner = threading.Thread(target=lambda: results.extend(get_many(urls)))
+    runner.start()
+    time.sleep(1.5)  # about a third of the body has gone through the owner to the askers
+    assert fake.count("GET", digest) == 1
+    proc = cluster[owner].proc
+    assert proc is not None
+    killed_at = time.time()
+    os.killpg(proc.pid, signal.SIGKILL)
+    runner.join(timeout=150)
+    assert len(results) == len(urls)
+    assert not any(not isinstance(r, Exception) and r != (200, data) for r in results), shown(
+        results
+    )
+    assert all(isinstance(r, Exception) for r in results[:10]), shown(results)
+    for asker in askers:
+        assert not asker.is_cached(digest), "nothing partial is committed"
+    with requests.get(f"{askers[0].url}/v2/co/repo/blobs/{digest}", timeout=120) as r:
+        assert r.status_code == 200 and r.content == data
+    assert fake.count("GET", digest) == 2
+    assert askers[0].wait_cached([digest], timeout=20) == []
+    assert stored_bytes(askers[0], digest) == data
+    # A SIGKILLed process cannot abort its own multipart upload (S3 cannot tell it from a
+    # live one; the storage sweep aborts uploads a day old): any upload still open is the
+    # dead owner's, started before the kill. The live replicas leave none.
+    leftovers = open_uploads(askers[0])
+    assert all(u["Initiated"].timestamp() < killed_at for u in leftovers), leftovers
+    assert all(u["Key"] == askers[0].s3_key(digest) for u in leftovers), leftovers
+
+
+@pytest.mark.parametrize("how", ["stopped", "frozen"])
+def test_owner_down_before_the_request_others_fetch_upstream_themselves(
+    cluster: Cluster, fake: FakeUpstream, how: str
+) -> None:
+    digest, data = fake.blob("co/repo", 8 * MiB)
+    owner = owner_of(cluster, digest)
+    askers = [p for i, p in enumerate(cluster) if i != owner]
+    proc = cluster[owner].proc
+    assert proc is not None
+    if how == "stopped":
+        cluster[owner].stop()
+    else:
+        os.killpg(proc.pid, signal.SIGSTOP)  # accepts connections, never answers
+    try:
+        started = time.monotonic()
+        results = get_many([f"{p.url}/v2/co/repo/blobs/{digest}" for p in askers for _ in (0, 1)])
+        wall = time.monotonic() - started
+    finally:
+        if how == "frozen":
+            os.killpg(proc.pid, signal.SIGCONT)
+    assert all(r == (200, data) for r in results), shown(results)
+    assert fake.count("GET", digest) == 2  # one per live replica, as without peers
+    assert [metric(p, "oci_peer_fallbacks_total") for p in askers] == [1.0, 1.0]
+    assert wall < (2.0 if how == "stopped" else 12.0), wall
+    print(f"owner {how}: 2 upstream GETs, {wall:.2f}s")
+
+
+def _signed(auth: PeerAuth, proxy: ProxyServer, path: str, query: str, cred: str = "") -> dict:
+    audience = canonical_url(proxy.url)
+    headers = {AUTH_HEADER: auth.sign(audience, "GET", path, query, cred, "*/*")}
+    if cred:
+        headers[CREDENTIAL_HEADER] = cred
+    return headers
+
+
+def test_peer_endpoint_refuses_missing_altered_replayed_and_foreign_signatures(
+    cluster: Cluster, fake: FakeUpstream, tmp_path: Path
+) -> None:
+    digest, data = fake.blob("co/repo", 64 * 1024)
+    proxy = cluster[owner_of(cluster, digest)]
+    auth = PeerAuth(SECRET, str(tmp_path / "nonces"))
+    foreign = PeerAuth("another-secret-of-16+chars", str(tmp_path / "nonces2"))
+    path = f"/_oci/peer/v1/blob/{digest}"
+    query = urlencode({"registry": fake.host, "name": "co/repo"})
+    url = f"{proxy.url}{path}?{query}"
+
+    def status(headers: dict, target: str = url) -> int:
+        with requests.get(target, headers=headers, timeout=30) as r:
+            return r.status_code
+
+    assert status({}) == 401
+    assert status({AUTH_HEADER: "v1 t=1 n=" + "0" * 32 + " s=" + "0" * 64}) == 401
+    assert status(_signed(foreign, proxy, path, query)) == 401
+    other = urlencode({"registry": fake.host, "name": "co/other"})
+    assert status(_signed(auth, proxy, path, query), f"{proxy.url}{path}?{other}") == 401
+    signed = _signed(auth, proxy, path, query, cred="Basic YWxpY2U6cHc=")
+    assert status({**signed, CREDENTIAL_HEADER: "Basic bWFsbG9yeTpwdw=="}) == 401
+    elsewhere = cluster[(cluster.index(proxy) + 1) % 3]
+    assert status(_signed(auth, proxy, path, query), f"{elsewhere.url}{path}?{query}") == 401
+    assert fake.count("GET", digest) == 0, "nothing refused reached upstream"
+    good = _signed(auth, proxy, path, query)
+    with requests.get(url, headers=good, timeout=30) as r:
+        assert r.status_code == 200 and r.content == data
+    assert status(good) == 401, "a replayed request is refused"
+    assert metric(proxy, "oci_peer_requests_total", outcome="refused") == 6.0
+    assert metric(elsewhere, "oci_peer_requests_total", outcome="refused") == 1.0
+
+
+def test_a_peer_request_is_never_forwarded_again(
+    cluster: Cluster, fake: FakeUpstream, tmp_path: Path
+) -> None:
+    digest, data = fake.blob("co/repo", 4 * MiB)
+    owner = owner_of(cluster, digest)
+    receiver = cluster[(owner + 1) % 3]  # believes another replica owns the digest
+    auth = PeerAuth(SECRET, str(tmp_path / "nonces"))
+    path = f"/_oci/peer/v1/blob/{digest}"
+    query = urlencode({"registry": fake.host, "name": "co/repo"})
+    headers = _signed(auth, receiver, path, query)
+    with requests.get(f"{receiver.url}{path}?{query}", headers=headers, timeout=60) as r:
+        assert r.status_code == 200 and r.content == data
+    assert fake.count("GET", digest) == 1, "the receiver fetched upstream itself"
+    for proxy in cluster:
+        assert metric(proxy, "oci_peer_fetches_total") == 0.0, "no replica asked another"
+    assert metric(cluster[owner], "oci_peer_requests_total") == 0.0
