@@ -55,6 +55,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{/* Combinations the schema cannot express, refused with a message saying what to set. */}}
+{{/* Replicas on one S3 bucket find each other (PEERS_DNS): one upstream fetch per object. */}}
+{{- define "oci-pull-through.clustered" -}}
+{{- if and .Values.cluster.enabled (gt (int .Values.replicaCount) 1) (eq .Values.storage.backend "s3") }}true{{ end }}
+{{- end }}
+
 {{- define "oci-pull-through.validate" -}}
 {{- $token := .Values.tokenSecret }}
 {{- $chosen := 0 }}
