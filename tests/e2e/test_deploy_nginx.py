@@ -418,7 +418,11 @@ def test_sharded_two_gunicorns_each_object_has_one_owner(
     tmp_path: Path,
 ) -> None:
     """sharded.conf: each object has one owner, a blob one whatever repository names it."""
-    env = {"UPSTREAM_REGISTRY": upstream.host, "INSECURE_REGISTRIES": upstream.host}
+    env = {
+        "UPSTREAM_REGISTRY": upstream.host,
+        "INSECURE_REGISTRIES": upstream.host,
+        "PREFETCH_CONCURRENCY": "0",  # as sharded.conf says: shards own their blobs
+    }
     shards = [make_proxy(env), make_proxy(env)]
     nginx = make_nginx(
         {"127.0.0.1:8081": shards[0].port, "127.0.0.1:8082": shards[1].port}, site="sharded.conf"
