@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO / "tests" / "e2e"))
 from harness import Registry, build_image  # noqa: E402
 from harness.ports import free_port  # noqa: E402
 from harness.proxyproc import ProxyServer  # noqa: E402
+from harness.seaweed import SeaweedFS  # noqa: E402
 
 MiB = 1024 * 1024
 ACCEPT = (
@@ -532,6 +533,69 @@ class Bench:
             "skopeo pull, 3 layers, warm (s)", f"{x:.2f}", f"P {p:.2f}", f"{p / x:.2f} x P", ""
         )
 
+    def cluster_cold(self) -> None:
+        """30 cold GETs spread over 3 replicas on one S3 bucket: with PEERS (one upstream GET
+        for the fleet) against the same 3 replicas without (one per replica)."""
+        digest, size = self.layer("mid")
+        mb = size / MiB
+        figures: dict[str, tuple[int, float]] = {}
+        with SeaweedFS(self.work / "weed") as weed:
+            for mode in ("peers", "independent"):
+                ports = [free_port() for _ in range(3)]
+                urls = [f"http://127.0.0.1:{port}" for port in ports]
+                replicas = []
+                try:
+                    for i, port in enumerate(ports):
+                        env = {
+                            "UPSTREAM_REGISTRY": self.u.host,
+                            "INSECURE_REGISTRIES": self.u.host,
+                            "STORAGE_BACKEND": "s3",
+                            **weed.env(),
+                            "S3_BUCKET": "bench",
+                            "S3_PREFIX": mode,  # cold for each mode
+                            "SPOOL_DIR": str(self.work / f"{mode}-spool{i}"),
+                        }
+                        if mode == "peers":
+                            env.update(
+                                PEERS=",".join(urls), PEER_URL=urls[i], CLUSTER_SECRET="b" * 24
+                            )
+                        replica = ProxyServer(self.work / f"{mode}{i}", env, port=port)
+                        replicas.append(replica.start())
+                    time.sleep(0.5)
+                    mark = self.u.mark()
+                    start = time.perf_counter()
+                    threads = [
+                        threading.Thread(
+                            target=curl, args=(f"{urls[i % 3]}/v2/bench/mid/blobs/{digest}", size)
+                        )
+                        for i in range(30)
+                    ]
+                    for t in threads:
+                        t.start()
+                    for t in threads:
+                        t.join()
+                    seconds = time.perf_counter() - start
+                    time.sleep(0.3)
+                    figures[mode] = (client_gets(self.u, mark, digest), seconds)
+                finally:
+                    for replica in replicas:
+                        replica.stop()
+        (gets, seconds), (ind_gets, ind_seconds) = figures["peers"], figures["independent"]
+        self.row(
+            f"3 replicas, 30 cold GETs of {mb:.0f} MiB: upstream GETs",
+            f"{gets}",
+            f"independent {ind_gets}",
+            "",
+            "1",
+        )
+        self.row(
+            "  wall time (s)",
+            f"{seconds:.2f}",
+            f"independent {ind_seconds:.2f}",
+            f"{ind_seconds / seconds:.2f} x independent",
+            "",
+        )
+
     def rss_p(self) -> None:
         sampler = RssSampler(self.p.pid or 0)
         self.row(
@@ -573,6 +637,7 @@ def main() -> int:
                 bench.huge,
                 bench.manifests,
                 bench.skopeo,
+                bench.cluster_cold,
             ):
                 log(step.__name__)
                 step()
