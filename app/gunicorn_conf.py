@@ -8,18 +8,23 @@ ssl, requests or Flask: the gevent workers monkey-patch after the master has rea
 
 from __future__ import annotations
 
+import math
+
 from app import serverhooks
 
 _settings = serverhooks.load()  # an invalid setting: one line on stderr, exit 1
 _config = _settings.config
 
 bind = [serverhooks.bind_address(_config.listen_addr)]
-worker_class = "gevent"
+# gevent, plus HEADER_TIMEOUT, SEND_TIMEOUT, connection slots and fair scheduling
+worker_class = "app.worker.Worker"
 workers = _settings.workers  # WEB_CONCURRENCY
-worker_connections = 1000
+worker_connections = _settings.limits.worker_connections  # WORKER_CONNECTIONS
 timeout = 60
 graceful_timeout = 30  # SIGTERM: in-flight downloads finish for up to 30 s
-keepalive = 75
+# gunicorn's keepalive is whole seconds and 0 turns keep-alive off; app/worker.py enforces
+# KEEPALIVE_TIMEOUT itself.
+keepalive = max(1, math.ceil(_settings.limits.keepalive_timeout))
 preload_app = False  # the app is imported by each worker, after gevent has patched
 control_socket_disable = True
 accesslog = None  # the app writes one request line per request itself

@@ -13,6 +13,7 @@ import secrets
 import shutil
 import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,11 +25,33 @@ _OWNED = "OCI_PULL_THROUGH_METRICS_DIR_OWNED"  # "1": made here and removed on e
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What a slow, idle or hostile client may hold: app/worker.py enforces them."""
+
+    header_timeout: float = 30.0  # request line and headers, from the first byte
+    keepalive_timeout: float = 15.0  # idle between two requests of one connection
+    send_timeout: float = 60.0  # a client that takes no bytes of its answer that long is cut
+    worker_connections: int = 1000  # connection slots per worker
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Limits:
+        """HEADER_TIMEOUT, KEEPALIVE_TIMEOUT, SEND_TIMEOUT and WORKER_CONNECTIONS, validated."""
+        reader = _Reader(os.environ if environ is None else environ)
+        return cls(
+            header_timeout=reader.seconds("HEADER_TIMEOUT", 30.0),
+            keepalive_timeout=reader.seconds("KEEPALIVE_TIMEOUT", 15.0),
+            send_timeout=reader.seconds("SEND_TIMEOUT", 60.0),
+            worker_connections=reader.integer("WORKER_CONNECTIONS", 1000, minimum=1),
+        )
+
+
+@dataclass(frozen=True)
 class Settings:
-    """The environment as gunicorn needs it: the app's Config plus the worker count."""
+    """The environment as gunicorn needs it: the app's Config, worker count and limits."""
 
     config: Config
     workers: int
+    limits: Limits = Limits()
 
 
 def load() -> Settings:
@@ -39,12 +62,13 @@ def load() -> Settings:
     try:
         config = Config.from_env()
         workers = _Reader(os.environ).integer("WEB_CONCURRENCY", 2, minimum=1)
+        limits = Limits.from_env()
     except ConfigError as error:
         print(f"oci-pull-through: {error}", file=sys.stderr)
         raise SystemExit(1) from None
     share_token_key(config)
     prepare_metrics_dir()
-    return Settings(config, workers)
+    return Settings(config, workers, limits)
 
 
 def bind_address(listen_addr: str) -> str:
