@@ -74,6 +74,7 @@ class Config:
     tag_ttl: float = 28 * 86400.0
     latest_ttl: float = 3600.0
     fs_max_bytes: int | None = None
+    spool_max_bytes: int | None = None
     prefetch_concurrency: int = 4
     peers: tuple[str, ...] = ()
     peers_dns: str | None = None
@@ -121,6 +122,7 @@ class Config:
             tag_ttl=reader.duration("TAG_TTL", 28 * 86400.0),
             latest_ttl=reader.duration("LATEST_TTL", 3600.0),
             fs_max_bytes=reader.size("FS_MAX_BYTES"),
+            spool_max_bytes=reader.size("SPOOL_MAX_BYTES"),
             prefetch_concurrency=reader.integer("PREFETCH_CONCURRENCY", 4, minimum=0),
             peers=cluster[0],
             peers_dns=cluster[1],

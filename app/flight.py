@@ -50,6 +50,8 @@ _FLIGHT_FILE = re.compile(
     r"([0-9a-f]{40})\.(?:lock|readers|state|state\.[0-9a-f]{16}|[0-9a-f]{16})"
 )
 
+_SPOOL_FILE = re.compile(r"[0-9a-f]{40}\.[0-9a-f]{16}")
+
 
 class FlightError(Exception):
     """The fetch this reader followed failed part-way: the response must be cut short."""
@@ -118,6 +120,16 @@ class Flights:
             while not _try_flock(readers_fd, fcntl.LOCK_SH):
                 gevent.sleep(POLL)  # a fetcher is checking for readers this instant
             return Ticket(self, base, lock_fd, readers_fd, leader)
+
+    def spool_bytes(self) -> int:
+        """Bytes in the spool files of every flight of the instance (SPOOL_MAX_BYTES)."""
+        total = 0
+        with os.scandir(self.dir) as entries:
+            for entry in entries:
+                if _SPOOL_FILE.fullmatch(entry.name):
+                    with contextlib.suppress(FileNotFoundError):
+                        total += entry.stat().st_size
+        return total
 
     def _wakeup(self, base: str) -> gevent.event.Event:
         event = self._wakeups.get(base)

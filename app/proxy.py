@@ -199,6 +199,13 @@ class Proxy:
                 if reply is not None:
                     ticket.release()
                     return reply
+                limit = self.config.spool_max_bytes
+                if limit is not None and self.flights.spool_bytes() >= limit:
+                    # The spool is full: stream this miss through, uncached, rather than fail.
+                    ticket.release()
+                    metrics.fill_finished(target.kind, SPOOL_FULL)
+                    response = self.fetcher.send("GET", target, client, follow_redirects=redirects)
+                    return self.fetcher.forward(response, "GET", target)
                 ticket.start(fetch)
             elif self.config.proxy_mode == AUTHENTICATED:
                 # Another client's credentials fetched it: this one must be entitled too.
@@ -356,6 +363,7 @@ class ClientGone(RegistryError):
 
 
 CLIENT_POLL = 0.25
+SPOOL_FULL = "spool full"  # a miss streamed through uncached: SPOOL_MAX_BYTES reached
 
 
 def _watching(gone: ClientGoneCheck, wait: Callable[[], T]) -> T:

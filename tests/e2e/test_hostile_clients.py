@@ -295,3 +295,26 @@ def test_hundred_cold_blobs_at_once(
     assert sum(_open_fds(pid, sockets=False) for pid in workers) <= files_before  # spool, store
     # Sockets left: at most the upstream keep-alive pool (64 per worker, app/upstream.py).
     assert sum(_open_fds(pid) for pid in workers) <= fds_before + 64 * len(workers)
+
+
+def test_full_spool_streams_a_miss_through(
+    fake: FakeUpstream, make_proxy: Callable[..., ProxyServer]
+) -> None:
+    """Past SPOOL_MAX_BYTES a new miss is streamed through uncached (intact), not refused;
+    once the spool drains, misses are cached again."""
+    slow, slow_data = fake.blob("e2e/app", 24 * MiB, chunk=MiB, delay_per_chunk=0.15)  # ~3.6 s
+    other, other_data = fake.blob("e2e/app", 6 * MiB)
+    proxy = make_proxy(_env(fake, SPOOL_MAX_BYTES="8Mi"))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(requests.get, f"{proxy.url}/v2/e2e/app/blobs/{slow}", timeout=60)
+        time.sleep(1.8)  # about 12 MiB of the slow blob are spooled by now
+        r = requests.get(f"{proxy.url}/v2/e2e/app/blobs/{other}", timeout=30)
+        assert r.status_code == 200 and r.content == other_data
+        assert not proxy.is_cached(other), "streamed through, not spooled"
+        assert first.result().content == slow_data
+    assert proxy.wait_cached([slow]) == []
+    r = requests.get(f"{proxy.url}/v2/e2e/app/blobs/{other}", timeout=30)
+    assert r.content == other_data
+    assert proxy.wait_cached([other]) == [], "the spool had room again: cached"
+    metrics = requests.get(f"{proxy.url}/metrics", timeout=5).text
+    assert 'oci_cache_aborts_total{kind="blob",reason="spool full"} 1.0' in metrics
