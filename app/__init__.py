@@ -60,9 +60,11 @@ def create_app(config: Config | None = None) -> Flask:
     from app.auth.proxy import TokenProxy
     from app.auth.tokens import Sealer
     from app.blueprints import ops, token, v2
+    from app.blueprints.internal import bp as peer_bp
     from app.config import Config, spool_dir
     from app.errors import RegistryError
     from app.flight import Flights
+    from app.peers import make_cluster
     from app.proxy import Proxy
     from app.storage import make_storage, sweep_in_background
     from app.upstream import Upstream
@@ -92,10 +94,15 @@ def create_app(config: Config | None = None) -> Flask:
     flights = Flights(spool_dir(config))
     upstream = Upstream(config)
     app.extensions["oci_proxy"] = Proxy(config, storage, upstream, flights)
+    cluster = make_cluster(config)  # PEERS: misses another replica owns are fetched from it
+    if cluster is not None:
+        app.extensions["oci_proxy"].join_cluster(*cluster)
+        app.extensions["oci_cluster"] = cluster
     app.extensions["oci_tokens"] = TokenProxy(config, upstream, Sealer(_token_secret(config)))
     app.register_blueprint(ops.bp)
     app.register_blueprint(token.bp)
     app.register_blueprint(v2.bp)
+    app.register_blueprint(peer_bp)
 
     @app.errorhandler(RegistryError)
     def registry_error(error: RegistryError) -> Response:
