@@ -87,6 +87,29 @@ class Worker(GeventWorker):
         self.evicted = 0
         self.overflowed = 0
         self.send_timeouts = 0
+        self._gauges: Any = None
+
+    def notify(self) -> None:
+        """The heartbeat (every second) also publishes the connection figures to /metrics."""
+        super().notify()
+        if self._gauges is None:
+            from prometheus_client import Gauge  # after gevent's patching, in the worker
+
+            self._gauges = Gauge(
+                "oci_connections",
+                "Client connections by state (open, waiting for a request) and events so far",
+                ["state"],
+                multiprocess_mode="livesum",
+            )
+        waiting = len(self.waiting)
+        for state, value in (
+            ("open", len(self.conns)),
+            ("waiting", waiting),
+            ("evicted", self.evicted),
+            ("overflowed", self.overflowed),
+            ("send timeout", self.send_timeouts),
+        ):
+            self._gauges.labels(state).set(value)
 
     # -- slots --------------------------------------------------------------------------
 

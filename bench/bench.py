@@ -192,6 +192,65 @@ def wrk(url: str, seconds: int, accept: str) -> tuple[float, float]:
     return rps, float(p99.group(1)) * scale
 
 
+_WRK_P999 = """done = function(summary, latency, requests)
+  io.write(string.format("p99.9 %d\\n", latency:percentile(99.9)))
+end
+"""
+
+
+def wrk_latency(url: str, seconds: int, accept: str) -> tuple[float, float, float, float]:
+    """req/s and p50, p99, p99.9 latency (ms) with wrk -t2 -c32 as fast as it goes."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
+        script.write(_WRK_P999)
+        script.flush()
+        out = subprocess.run(
+            ["wrk", "-t2", "-c32", f"-d{seconds}s", "--latency", "-s", script.name]
+            + ["-H", f"Accept: {accept}", url],
+            capture_output=True,
+            text=True,
+            timeout=seconds + 30,
+        ).stdout
+    if re.search(r"Non-2xx or 3xx responses: (\d+)", out):
+        raise RuntimeError(f"wrk {url}: failed responses\n{out}")
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+    figures = []
+    for pct in ("50", "99"):
+        m = re.search(pct + r"%\s+([\d.]+)(us|ms|s)", out)
+        assert m, out
+        figures.append(float(m.group(1)) * scale[m.group(2)])
+    p999 = re.search(r"p99.9 (\d+)", out)
+    assert p999, out
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    return rps, figures[0], figures[1], int(p999.group(1)) / 1000.0
+
+
+def hey_latency(url: str, seconds: int, accept: str, conns: int = 50) -> tuple[float, ...]:
+    """req/s and p50, p99, p99.9 latency (ms) with hey -c conns as fast as it goes (every
+    request's time from hey's CSV: its summary stops at p99)."""
+    out = subprocess.run(
+        ["hey", "-z", f"{seconds}s", "-c", str(conns), "-o", "csv", "-H", f"Accept: {accept}", url],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+    ).stdout
+    rows = [line.split(",") for line in out.splitlines()[1:] if line]
+    times = sorted(float(r[0]) * 1000 for r in rows if r[6] == "200")
+    if len(times) < len(rows) or not times:
+        raise RuntimeError(f"hey {url}: {len(rows) - len(times)} failed of {len(rows)}")
+    last = max(float(r[7]) + float(r[0]) for r in rows)
+
+    def pct(q: float) -> float:
+        return times[min(len(times) - 1, int(q * len(times)))]
+
+    return len(times) / last, pct(0.50), pct(0.99), pct(0.999)
+
+
+def latency_cells(figures: tuple[float, ...]) -> str:
+    """req/s and p50 / p99 / p99.9 in one table cell."""
+    rps, p50, p99, p999 = figures
+    return f"{rps:.0f}/s {p50:.1f}/{p99:.1f}/{p999:.1f}"
+
+
 def client_gets(registry: Registry, since: int, digest: str) -> int:
     """GETs of digest that reached U on behalf of curl: P's own background fetches send
     Go's user agent, while X forwards the client's, so each is counted for its own run."""
@@ -475,6 +534,19 @@ class Bench:
             self.row(
                 f"  p99 by {label}, saturated (ms)", f"{x[1]:.1f}", f"P {p[1]:.1f}", "", "<= P"
             )
+            # Fairness (issue 16): p50/p99/p99.9 next to req/s, under wrk and hey, X, P and U.
+            for tool, measure in (("wrk -c32", wrk_latency), ("hey -c50", hey_latency)):
+                figs = {
+                    name: measure(f"{base}/v2/bench/three/manifests/{ref}", s.wrk_seconds, ACCEPT)
+                    for name, base in (("X", self.x.url), ("P", self.p.url), ("U", self.u.url))
+                }
+                self.row(
+                    f"  {tool} by {label}: req/s p50/p99/p99.9 (ms)",
+                    latency_cells(figs["X"]),
+                    f"P {latency_cells(figs['P'])}; U {latency_cells(figs['U'])}",
+                    f"p99 {figs['X'][2] / figs['X'][1]:.0f} x p50",
+                    "p99 <= U's",
+                )
             rate = 0.8 * p[0]  # the same offered load for both: 80 % of P's maximum
             url_x = f"{self.x.url}/v2/bench/three/manifests/{ref}"
             url_p = f"{self.p.url}/v2/bench/three/manifests/{ref}"
