@@ -56,7 +56,7 @@ def create_app(config: Config | None = None) -> Flask:
     """Build the application: configuration, storage, upstream client and blueprints."""
     from flask import Flask, Response, request
 
-    from app import metrics
+    from app import metrics, reqlog
     from app.auth.proxy import TokenProxy
     from app.auth.tokens import Sealer
     from app.blueprints import ops, token, v2
@@ -103,14 +103,14 @@ def create_app(config: Config | None = None) -> Flask:
     app.register_blueprint(token.bp)
     app.register_blueprint(v2.bp)
     app.register_blueprint(peer_bp)
+    reqlog.init_app(app)  # one line per registry request, after its last byte
 
     @app.errorhandler(RegistryError)
     def registry_error(error: RegistryError) -> Response:
-        record = request.environ.get("oci.record")
-        if record is not None:
+        record = reqlog.record_of(request.environ)
+        if record is not None:  # reqlog.init_app logs it once the body is out
             record.status, record.outcome = error.status, "error"
             record.bytes_sent = len(error.body())
-            record.finish()
         headers = {"Content-Type": "application/json"}
         if request.path.startswith("/v2"):
             headers["Docker-Distribution-API-Version"] = "registry/2.0"

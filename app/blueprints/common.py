@@ -1,4 +1,4 @@
-"""What the blueprints share: the app's objects and the proxy's realm for this request."""
+"""What the blueprints share: the app's objects, the request's log record, the proxy's realm."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from app.auth.proxy import TokenProxy
 from app.config import Config
 from app.oci import Target
 from app.reply import Reply
+from app.reqlog import RequestRecord, record_of
 
 API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
 
@@ -21,6 +22,13 @@ def config() -> Config:
 def token_proxy() -> TokenProxy:
     """The app's TokenProxy."""
     return current_app.extensions["oci_tokens"]
+
+
+def log_record() -> RequestRecord:
+    """This request's log record (reqlog.init_app creates and finishes it)."""
+    found = record_of(request.environ)
+    assert found is not None, "reqlog.init_app(app) was not called"
+    return found
 
 
 def public_base_url() -> str:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, request
 
 from app.auth.proxy import Credentials, parse_basic
 from app.auth.scopes import parse_scopes
-from app.blueprints.common import API_VERSION, config, token_proxy
+from app.blueprints.common import API_VERSION, config, log_record, token_proxy
 from app.errors import RegistryError
-from app.reqlog import RequestRecord
 
 bp = Blueprint("token", __name__)
 _NO_STORE = [("Cache-Control", "no-store"), ("Pragma", "no-cache")]
@@ -36,9 +35,8 @@ def _request_credentials() -> tuple[list[str], Credentials | None]:
 @bp.route("/v2/token", methods=["GET", "POST"])
 def token() -> Response:
     """Issue a proxy token for the requested repositories, anonymous or with credentials."""
-    record = RequestRecord(method=request.method, json_format=current_app.config["OCI_LOG_JSON"])
+    record = log_record()
     record.kind, record.repository = "token", "-"
-    request.environ["oci.record"] = record
     scope_values, creds = _request_credentials()
     ns = request.args.get("ns") or request.form.get("ns") or None
     scopes = parse_scopes(scope_values, ns=ns, default_registry=config().upstream_registry)
@@ -46,6 +44,5 @@ def token() -> Response:
     issued = token_proxy().issue(scopes, creds)
     body = json.dumps(issued.body()).encode()
     record.status, record.outcome, record.bytes_sent = 200, "bypass", len(body)
-    record.finish()
     headers = [("Content-Type", "application/json"), *_NO_STORE, API_VERSION]
     return Response(body, status=200, headers=headers)

@@ -8,12 +8,19 @@ from collections.abc import Callable
 from flask import Blueprint, Response, current_app, request
 
 from app.auth.realm import proxy_challenge
-from app.blueprints.common import API_VERSION, token_proxy, token_realm, with_proxy_challenge
+from app.blueprints.common import (
+    API_VERSION,
+    config,
+    log_record,
+    token_proxy,
+    token_realm,
+    with_proxy_challenge,
+)
 from app.errors import Unsupported
 from app.oci import BLOB, MANIFEST, REFERRERS, TAGS, parse_target
 from app.proxy import Proxy
 from app.reply import Reply
-from app.reqlog import RequestRecord, counted, read_span, wrap_file
+from app.reqlog import counted, read_span
 from app.upstream import ClientHeaders
 
 bp = Blueprint("v2", __name__)
@@ -25,17 +32,6 @@ _PASSTHROUGH_PARAMS = {TAGS: ("n", "last"), REFERRERS: ("artifactType",)}
 
 def _proxy() -> Proxy:
     return current_app.extensions["oci_proxy"]
-
-
-@bp.before_request
-def _start_record() -> None:
-    request.environ["oci.record"] = RequestRecord(
-        method=request.method, json_format=current_app.config["OCI_LOG_JSON"]
-    )
-
-
-def _record() -> RequestRecord:
-    return request.environ["oci.record"]
 
 
 def client_headers() -> ClientHeaders:
@@ -80,11 +76,10 @@ def version_check() -> Response:
 def registry(rest: str) -> Response:
     """Every other registry endpoint, in any of the three addressing forms."""
     _require_read()
-    config = current_app.config["OCI_CONFIG"]
-    record = _record()
     target = parse_target(
-        rest, ns=request.args.get("ns"), default_registry=config.upstream_registry
+        rest, ns=request.args.get("ns"), default_registry=config().upstream_registry
     )
+    record = log_record()
     record.repository = f"{target.registry}/{target.name}"
     record.kind, record.reference = target.kind, target.reference
     proxy = _proxy()
@@ -109,17 +104,16 @@ def _require_read() -> None:
 
 def to_response(reply: Reply) -> Response:
     """Turn a Reply into a Flask response, with zero-copy file bodies where the server allows."""
-    record = _record()
+    record = log_record()
     record.status, record.outcome = reply.status, reply.outcome
     headers = [*reply.headers, API_VERSION]
     if reply.file is not None and request.method == "GET":
-        record.bytes_sent = reply.length or 0
         length = reply.length or 0
         wrapper_class = request.environ.get("wsgi.file_wrapper")
-        if wrapper_class is not None:
-            body = wrap_file(wrapper_class, reply.file, record, FILE_BLOCK)
+        if wrapper_class is not None:  # sendfile; the request log counts the whole span
+            record.bytes_sent = length
+            body = wrapper_class(reply.file, FILE_BLOCK)
         else:
-            record.bytes_sent = 0
             body = read_span(reply.file, length, record, FILE_BLOCK)
         return Response(body, status=reply.status, headers=headers, direct_passthrough=True)
     if reply.file is not None:
@@ -129,7 +123,6 @@ def to_response(reply: Reply) -> Response:
         if not any(k.lower() == "content-length" for k, _ in headers):
             headers.append(("Content-Length", str(len(reply.body))))
         record.bytes_sent = len(body_bytes)
-        record.finish()
         return Response(
             [body_bytes] if body_bytes else [],
             status=reply.status,
