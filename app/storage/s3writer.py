@@ -97,6 +97,7 @@ class S3Writer:
             raise StoreError("commit after commit or abort")
         s = self.storage
         temp_written = False
+        multipart = self._upload_id is not None  # only large objects can leave stray uploads
         try:
             data_key = s.object_key(keys.data(self.key, meta.digest))
         except ValueError as exc:
@@ -138,6 +139,22 @@ class S3Writer:
             self.abort()
             raise StoreError(f"committing {self.key}: {exc}") from exc
         self._done = True
+        if multipart:
+            self._abort_strays(data_key)
+
+    def _abort_strays(self, data_key: str) -> None:
+        """Abort other uploads of this data key: the bytes are committed, and an upload left by
+        a writer that died (a replica killed mid-fill) would otherwise linger for a day."""
+        s = self.storage
+        try:
+            listed = s.client.list_multipart_uploads(Bucket=s.bucket, Prefix=data_key)
+            for upload in listed.get("Uploads", []):
+                if upload.get("Key") == data_key:
+                    s.client.abort_multipart_upload(
+                        Bucket=s.bucket, Key=data_key, UploadId=upload["UploadId"]
+                    )
+        except (ClientError, BotoCoreError) as exc:  # the lifecycle rule is the safety net
+            log.info("aborting stray uploads of %s: %s", self.key, exc)
 
     def _drop_temp(self) -> None:
         """Delete the completed temporary upload of a non-content-addressed key."""

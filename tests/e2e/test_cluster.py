@@ -145,7 +145,6 @@ def test_owner_killed_mid_stream_cuts_clients_and_a_retry_succeeds(
     assert fake.count("GET", digest) == 1
     proc = cluster[owner].proc
     assert proc is not None
-    killed_at = time.time()
     os.killpg(proc.pid, signal.SIGKILL)
     runner.join(timeout=150)
     assert len(results) == len(urls)
@@ -160,12 +159,9 @@ def test_owner_killed_mid_stream_cuts_clients_and_a_retry_succeeds(
     assert fake.count("GET", digest) == 2
     assert askers[0].wait_cached([digest], timeout=20) == []
     assert stored_bytes(askers[0], digest) == data
-    # A SIGKILLed process cannot abort its own multipart upload (S3 cannot tell it from a
-    # live one; the storage sweep aborts uploads a day old): any upload still open is the
-    # dead owner's, started before the kill. The live replicas leave none.
-    leftovers = open_uploads(askers[0])
-    assert all(u["Initiated"].timestamp() < killed_at for u in leftovers), leftovers
-    assert all(u["Key"] == askers[0].s3_key(digest) for u in leftovers), leftovers
+    # A SIGKILLed process cannot abort its own multipart upload; the commit of the same bytes
+    # by the retry aborts it, so no multipart upload is left open.
+    assert open_uploads(askers[0]) == []
 
 
 @pytest.mark.parametrize("how", ["stopped", "frozen"])
