@@ -24,16 +24,16 @@ def configure_logging(config: Config) -> None:
 
     root = logging.getLogger()
     if not any(getattr(h, "_oci", False) for h in root.handlers):
-        handler = logging.StreamHandler()
-        handler._oci = True  # type: ignore[attr-defined]
-        root.addHandler(handler)
+        ours = logging.StreamHandler()
+        ours._oci = True  # type: ignore[attr-defined]
+        root.addHandler(ours)
     formatter = make_formatter(config.log_format, config.log_level)
     for handler in root.handlers:
         if getattr(handler, "_oci", False):
             handler.setFormatter(formatter)
     if config.log_format == "json":  # gunicorn's own lines, as written by this worker
-        for handler in logging.getLogger("gunicorn.error").handlers:
-            handler.setFormatter(formatter)
+        for gunicorn_handler in logging.getLogger("gunicorn.error").handlers:
+            gunicorn_handler.setFormatter(formatter)
     root.setLevel(_LEVELS[config.log_level])
     logging.getLogger("urllib3").setLevel(max(logging.WARNING, _LEVELS[config.log_level]))
 

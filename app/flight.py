@@ -391,8 +391,10 @@ class Ticket:
                 except FileNotFoundError:
                     raise FlightGone from None
                 head = Head(
-                    int(state["status"]), [tuple(h) for h in state["headers"]], state["length"]
-                )  # type: ignore[misc]
+                    int(state["status"]),
+                    [(str(k), str(v)) for k, v in state["headers"]],
+                    state["length"],
+                )
                 self.nonce = state["nonce"]
                 return head, spool_fd
             if self._over():
