@@ -12,12 +12,14 @@ set -euo pipefail
 # make, python3-venv: the two commands; procps, iproute2: ps/ss for the harness;
 # nginx (TLS in front of gunicorn), containerd and podman (the clients of docs/clients.md),
 # wget (the compose file's SeaweedFS healthcheck): tests/e2e/test_deploy_*.py.
+# tinyproxy: the corporate forward proxy of tests/e2e/test_upstream_network.py.
 PACKAGES=(
     docker-registry skopeo apache2-utils strace make python3-venv procps iproute2
-    nginx containerd podman wget
+    nginx containerd podman wget tinyproxy
 )
-# Started by those packages: nginx listens on :80 on every address, the registry on :5000.
-SERVICES=(docker-registry nginx containerd podman.socket podman)
+# Started by those packages: nginx listens on :80 on every address, the registry on :5000,
+# tinyproxy on :8888.
+SERVICES=(docker-registry nginx containerd podman.socket podman tinyproxy)
 
 stop_services=false
 for arg in "$@"; do
