@@ -73,6 +73,8 @@ class Config:
     metrics_multiproc_dir: str | None = None
     tag_ttl: float = 28 * 86400.0
     latest_ttl: float = 3600.0
+    tag_revalidate: str = "inline"  # or "background": serve a stale tag at once (§13)
+    serve_stale_on_404: bool = False
     fs_max_bytes: int | None = None
     spool_max_bytes: int | None = None
     prefetch_concurrency: int = 4
@@ -121,6 +123,8 @@ class Config:
             metrics_multiproc_dir=reader.raw("PROMETHEUS_MULTIPROC_DIR"),
             tag_ttl=reader.duration("TAG_TTL", 28 * 86400.0),
             latest_ttl=reader.duration("LATEST_TTL", 3600.0),
+            tag_revalidate=reader.choice("TAG_REVALIDATE", "inline", ("inline", "background")),
+            serve_stale_on_404=reader.boolean("SERVE_STALE_ON_404", False),
             fs_max_bytes=reader.size("FS_MAX_BYTES"),
             spool_max_bytes=reader.size("SPOOL_MAX_BYTES"),
             prefetch_concurrency=reader.integer("PREFETCH_CONCURRENCY", 4, minimum=0),
