@@ -2,8 +2,11 @@
 
 A tag manifest is fresh for TAG_TTL (LATEST_TTL for `latest`) from its sidecar's
 stored_at. A stale one is checked with an upstream HEAD: the same Docker-Content-Digest
-refreshes stored_at and serves the cache, a new one refetches, and an unreachable
-upstream in transparent mode serves the stale copy.
+refreshes stored_at and serves the cache, a new one refetches, a 404 is forwarded (or,
+with SERVE_STALE_ON_404, the stale copy served), and an unreachable, timed-out, 429 or
+5xx upstream in transparent mode serves the stale copy. Stale answers carry Age.
+Authenticated mode never comes here: it checks every hit upstream (§5, §15).
+Background revalidation and the rate-limit reserve are app/revalidate.py's.
 """
 
 from __future__ import annotations
@@ -28,6 +31,22 @@ if TYPE_CHECKING:
 log = logging.getLogger("oci_pull_through.freshness")
 
 UNCHANGED, CHANGED, STALE_SERVED, FORWARDED = "unchanged", "changed", "stale served", "forwarded"
+STALE_ON_404 = "stale on 404"  # upstream lost the tag; SERVE_STALE_ON_404 keeps serving it
+STALE_WHILE_REVALIDATING = "stale revalidating"  # TAG_REVALIDATE=background: answered at once
+RATE_LIMIT_RESERVE = "rate limit reserve"  # not revalidated: upstream's pulls are kept in reserve
+REMOVED = "removed"  # background: upstream answered 404, the tag's entry is dropped
+FAILED = "failed"  # background: upstream failed; the copy stays, stale
+RESULTS = (
+    UNCHANGED,
+    CHANGED,
+    STALE_SERVED,
+    FORWARDED,
+    STALE_ON_404,
+    STALE_WHILE_REVALIDATING,
+    RATE_LIMIT_RESERVE,
+    REMOVED,
+    FAILED,
+)
 
 
 def ttl(target: Target, config: Config) -> float | None:
@@ -73,32 +92,55 @@ def refresh(storage: Storage, key: str, meta: ObjectMeta) -> ObjectMeta:
     return fresh
 
 
-def revalidate(
-    fetcher: Fetcher, target: Target, key: str, meta: ObjectMeta, client: ClientHeaders
-) -> tuple[Action, ObjectMeta]:
-    """HEAD upstream for a stale tag (transparent mode): what to do, and the meta to serve."""
+def classify(status: int | None, same_digest: bool, stale_on_404: bool) -> str:
+    """What a stale tag's HEAD answer means (None: unreachable or timed out), as a result."""
+    if status == 200:
+        return UNCHANGED if same_digest else CHANGED
+    if status == 404:
+        return STALE_ON_404 if stale_on_404 else FORWARDED
+    return STALE_SERVED  # 429, 5xx or any other failure: the cached copy beats no answer
+
+
+def age(meta: ObjectMeta, now: float | None = None) -> tuple[str, str]:
+    """The Age header of a stale answer: whole seconds since the tag was stored (RFC 9111)."""
+    seconds = (time.time() if now is None else now) - meta.stored_at
+    return ("Age", str(max(0, int(seconds))))
+
+
+def served_stale(target: Target, result: str, why: str, level: int = logging.WARNING) -> None:
+    """Every stale answer is logged and counted, whatever the reason."""
+    log.log(level, "tag %s is stale and %s; serving the cached copy", target.reference, why)
+    metrics.REVALIDATIONS.labels(result).inc()
+
+
+def head(
+    fetcher: Fetcher, target: Target, client: ClientHeaders
+) -> tuple[int | None, str | None, str]:
+    """The upstream HEAD of a tag: status (None when unreachable), digest, and why it failed."""
     try:
         check = fetcher.send("HEAD", target, client)
     except UpstreamUnavailable as exc:
-        log.warning("tag %s is stale and %s; serving the cached copy", target.reference, exc)
-        metrics.REVALIDATIONS.labels(STALE_SERVED).inc()
-        return Action.SERVE, meta
+        return None, None, str(exc)
     check.close()
-    upstream_digest = check.headers.get("Docker-Content-Digest")
-    if check.status_code == 200 and upstream_digest == meta.digest:
+    return check.status_code, check.headers.get("Docker-Content-Digest"), ""
+
+
+def revalidate(
+    fetcher: Fetcher, target: Target, key: str, meta: ObjectMeta, client: ClientHeaders
+) -> tuple[Action, ObjectMeta, bool]:
+    """HEAD upstream for a stale tag (transparent mode): what to do, the meta to serve, and
+    whether that answer is stale (it then carries Age)."""
+    status, digest, failure = head(fetcher, target, client)
+    result = classify(status, digest == meta.digest, fetcher.config.serve_stale_on_404)
+    if result == UNCHANGED:
         metrics.REVALIDATIONS.labels(UNCHANGED).inc()
-        return Action.SERVE, refresh(fetcher.storage, key, meta)
-    if check.status_code == 200 or check.status_code == 404:
+        return Action.SERVE, refresh(fetcher.storage, key, meta), False
+    if result in (CHANGED, FORWARDED):
         # Moved (or removed) upstream: fetch it and replace the cached copy, or forward the 404.
-        metrics.REVALIDATIONS.labels(CHANGED if check.status_code == 200 else FORWARDED).inc()
-        return Action.FORWARD_AND_FILL, meta
-    log.warning(
-        "tag %s is stale; upstream answered %d to its HEAD; serving the cached copy",
-        target.reference,
-        check.status_code,
-    )
-    metrics.REVALIDATIONS.labels(STALE_SERVED).inc()
-    return Action.SERVE, meta
+        metrics.REVALIDATIONS.labels(result).inc()
+        return Action.FORWARD_AND_FILL, meta, False
+    served_stale(target, result, failure or f"upstream answered {status} to its HEAD")
+    return Action.SERVE, meta, True
 
 
 def checked(

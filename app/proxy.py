@@ -22,6 +22,7 @@ from app.peers import PeerAuth, PeerSet
 from app.policy import Action
 from app.prefetch import Prefetcher
 from app.reply import MISS, Reply
+from app.revalidate import Revalidator
 from app.storage import ObjectMeta, Storage, keys
 from app.upstream import ClientHeaders, Upstream
 
@@ -43,6 +44,7 @@ class Proxy:
         self.prefetcher = Prefetcher(config.prefetch_concurrency, flights.dir)
         self.fetcher.manifest_fetched = self._prefetch_for
         self.peerfetch: PeerFetcher | None = None
+        self.revalidator = Revalidator(config, self.fetcher, flights.dir, self._coalesced_manifest)
 
     def join_cluster(self, peers: PeerSet, auth: PeerAuth) -> None:
         """Misses that another live replica owns are fetched from it (app/peerfetch.py)."""
@@ -99,6 +101,7 @@ class Proxy:
         ):
             meta = None
         action = policy.plan(self.config.proxy_mode, method, meta is not None, cacheable)
+        stale = False
         if action is Action.CHECK_THEN_SERVE and meta is not None:
             check = self.fetcher.send("HEAD", target, client)
             check.close()
@@ -112,10 +115,12 @@ class Proxy:
             else:
                 action = Action.FORWARD_AND_FILL  # the tag moved upstream
         elif action is Action.SERVE and meta and freshness.is_stale(target, meta, self.config):
-            action, meta = freshness.revalidate(self.fetcher, target, key, meta, client)  # §13
+            action, meta, stale = self.revalidator.stale(target, key, meta, client)  # §13
         if action is Action.SERVE and meta is not None:
             reply = serve.manifest_from_cache(self.storage, self.config, target, key, meta, method)
             if reply is not None:
+                if stale:
+                    reply.headers.append(freshness.age(meta))
                 if method == "GET" and isinstance(reply.body, bytes):
                     self._prefetch_for(target, client, meta.digest, meta.media_type, reply.body)
                 return reply

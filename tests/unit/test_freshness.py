@@ -14,11 +14,12 @@ import requests
 import responses
 from flask import Flask
 
-from app import create_app, freshness, metrics
+from app import create_app, freshness, metrics, ratelimit
 from app.config import AUTHENTICATED, TRANSPARENT, Config
 from app.oci import MANIFEST, Target
 from app.storage import ObjectMeta, keys, put
 from app.storage.fs import FilesystemStorage
+from app.upstream import ClientHeaders
 
 REG, NAME = "registry.test", "org/app"
 UP = f"https://{REG}/v2/{NAME}/manifests"
@@ -97,9 +98,14 @@ def _headers(digest: str, body: bytes) -> dict[str, str]:
     return {"Content-Type": OCI, "Content-Length": str(len(body)), "Docker-Content-Digest": digest}
 
 
-def _app(tmp_path: Path, mode: str = TRANSPARENT) -> Flask:
+def _app(tmp_path: Path, mode: str = TRANSPARENT, **settings: object) -> Flask:
     config = Config(
-        proxy_mode=mode, storage_backend="fs", fs_root=str(tmp_path / "c"), upstream_registry=REG
+        proxy_mode=mode,
+        storage_backend="fs",
+        fs_root=str(tmp_path / "c"),
+        upstream_registry=REG,
+        spool_dir=str(tmp_path / "spool"),
+        **settings,  # type: ignore[arg-type]
     )
     return create_app(config)
 
@@ -113,6 +119,10 @@ def _age(app: Flask, seconds: float) -> None:
 
 
 def _get(app: Flask) -> tuple[int, str, str]:
+    return _get_with_age(app)[:3]
+
+
+def _get_with_age(app: Flask) -> tuple[int, str, str, str | None]:
     response = app.test_client().get(f"/v2/{NAME}/manifests/v1")  # no Accept: writes the tag
     response.get_data()  # read the body as a client does (a miss is stored as it ends)
     try:
@@ -120,6 +130,7 @@ def _get(app: Flask) -> tuple[int, str, str]:
             response.status_code,
             response.headers.get("Docker-Content-Digest", ""),
             response.headers.get("Cache-Control", ""),
+            response.headers.get("Age"),
         )
     finally:
         response.close()
@@ -208,3 +219,156 @@ def test_refresh_rewrites_only_the_sidecar(tmp_path: Path) -> None:
     gone = replace(old, digest="sha256:" + "0" * 64)
     refresh(storage, key, gone)
     assert storage.stat(key) == fresh
+
+
+# -- stale serving (issue 14, item 5) --------------------------------------------------------
+
+
+def test_classify_maps_every_head_answer_to_one_result() -> None:
+    assert freshness.classify(200, True, False) == freshness.UNCHANGED
+    assert freshness.classify(200, False, False) == freshness.CHANGED
+    assert freshness.classify(404, False, False) == freshness.FORWARDED
+    assert freshness.classify(404, False, True) == freshness.STALE_ON_404
+    for failure in (None, 429, 500, 502, 503, 504):
+        assert freshness.classify(failure, False, False) == freshness.STALE_SERVED
+        assert freshness.classify(failure, False, True) == freshness.STALE_SERVED
+
+
+def test_age_counts_whole_seconds_since_stored_at() -> None:
+    assert freshness.age(_meta(1000), now=1000) == ("Age", "0")
+    assert freshness.age(_meta(1000), now=1061.9) == ("Age", "61")
+    assert freshness.age(_meta(1000), now=900) == ("Age", "0"), "a clock step back: never <0"
+
+
+@pytest.mark.parametrize("status", [429, 500, 503])
+def test_stale_tag_is_served_with_age_when_upstream_answers_an_error(
+    tmp_path: Path, mock: responses.RequestsMock, status: int
+) -> None:
+    app = _app(tmp_path)
+    _prime(app, mock)
+    mock.head(f"{UP}/v1", status=status)
+    before = _count(freshness.STALE_SERVED)
+    status_code, digest, cache_control, age = _get_with_age(app)
+    assert (status_code, digest, cache_control) == (200, OLD_DIGEST, "public, max-age=0")
+    assert age is not None and int(age) >= 28 * 86400
+    assert _count(freshness.STALE_SERVED) == before + 1
+
+
+def test_a_fresh_or_revalidated_answer_has_no_age(
+    tmp_path: Path, mock: responses.RequestsMock
+) -> None:
+    app = _app(tmp_path)
+    mock.get(f"{UP}/v1", body=OLD, headers=_headers(OLD_DIGEST, OLD))
+    assert _get_with_age(app)[3] is None, "a miss"
+    assert _get_with_age(app)[3] is None, "a fresh hit"
+    _age(app, 28 * 86400 + 5)
+    mock.head(f"{UP}/v1", headers=_headers(OLD_DIGEST, OLD))
+    assert _get_with_age(app)[3] is None, "revalidated: fresh again"
+
+
+def test_404_is_forwarded_unless_serve_stale_on_404(
+    tmp_path: Path, mock: responses.RequestsMock
+) -> None:
+    app = _app(tmp_path / "default")
+    _prime(app, mock)
+    mock.head(f"{UP}/v1", status=404)
+    mock.replace(responses.GET, f"{UP}/v1", status=404, json={"errors": []})
+    assert _get(app)[0] == 404, "by default a tag removed upstream is gone"
+
+    mock.replace(responses.GET, f"{UP}/v1", body=OLD, headers=_headers(OLD_DIGEST, OLD))
+    app = _app(tmp_path / "opted-in", serve_stale_on_404=True)
+    _prime(app, mock)
+    before = _count(freshness.STALE_ON_404)
+    status, digest, _, age = _get_with_age(app)
+    assert (status, digest) == (200, OLD_DIGEST)
+    assert age is not None
+    assert _count(freshness.STALE_ON_404) == before + 1
+
+
+def _revalidator(app: Flask):  # type: ignore[no-untyped-def]
+    return app.extensions["oci_proxy"].revalidator
+
+
+def test_background_mode_answers_at_once_then_refreshes(
+    tmp_path: Path, mock: responses.RequestsMock
+) -> None:
+    app = _app(tmp_path, tag_revalidate="background")
+    _prime(app, mock)
+    mock.head(f"{UP}/v1", headers=_headers(OLD_DIGEST, OLD))
+    before = _count(freshness.STALE_WHILE_REVALIDATING)
+    status, digest, cache_control, age = _get_with_age(app)
+    assert (status, digest, cache_control) == (200, OLD_DIGEST, "public, max-age=0")
+    assert age is not None, "the stale copy, at once"
+    assert [c.request.method for c in mock.calls] == ["GET"], "no HEAD before the answer"
+    assert _count(freshness.STALE_WHILE_REVALIDATING) == before + 1
+    _revalidator(app).wait(10)
+    assert [c.request.method for c in mock.calls] == ["GET", "HEAD"]
+    head = mock.calls[1].request
+    assert "application/vnd.oci.image.index.v1+json" in head.headers["Accept"]
+    assert _get_with_age(app)[2:] == ("public, max-age=2419200", None), "refreshed"
+
+
+def test_background_mode_fetches_a_moved_tag_and_drops_a_removed_one(
+    tmp_path: Path, mock: responses.RequestsMock
+) -> None:
+    app = _app(tmp_path, tag_revalidate="background")
+    _prime(app, mock)
+    mock.head(f"{UP}/v1", headers=_headers(NEW_DIGEST, NEW))
+    mock.replace(responses.GET, f"{UP}/v1", body=NEW, headers=_headers(NEW_DIGEST, NEW))
+    assert _get(app)[1] == OLD_DIGEST, "the stale copy first"
+    _revalidator(app).wait(10)
+    assert _get_with_age(app)[1::2] == (NEW_DIGEST, None), "then the new one, fresh"
+
+    _age(app, 28 * 86400 + 5)
+    mock.replace(responses.HEAD, f"{UP}/v1", status=404)
+    mock.replace(responses.GET, f"{UP}/v1", status=404, json={"errors": []})
+    before = _count(freshness.REMOVED)
+    assert _get(app)[1] == NEW_DIGEST
+    _revalidator(app).wait(10)
+    assert _count(freshness.REMOVED) == before + 1
+    assert _get(app)[0] == 404, "removed upstream: the next request forwards the 404"
+
+
+def test_background_revalidation_is_single_flighted(
+    tmp_path: Path, mock: responses.RequestsMock
+) -> None:
+    app = _app(tmp_path, tag_revalidate="background")
+    _prime(app, mock)
+    mock.head(f"{UP}/v1", headers=_headers(OLD_DIGEST, OLD))
+    revalidator = _revalidator(app)
+    key = keys.manifest(REG, NAME, "v1")
+    meta = app.extensions["oci_proxy"].storage.stat(key)
+    client = ClientHeaders()
+    first = revalidator.start(_target("v1"), key, meta, client)
+    assert first is not None
+    assert revalidator.start(_target("v1"), key, meta, client) is None, "one at a time"
+    revalidator.wait(10)
+    assert [c.request.method for c in mock.calls] == ["GET", "HEAD"]
+    assert os.listdir(revalidator.lock_dir) == [], "no lock file left behind"
+
+
+def test_rate_limit_reserve_serves_stale_without_revalidating(
+    tmp_path: Path, mock: responses.RequestsMock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = _app(tmp_path)
+    _prime(app, mock)
+    monkeypatch.setattr(ratelimit, "reserve_reached", lambda registry: registry == REG)
+    before = _count(freshness.RATE_LIMIT_RESERVE)
+    status, digest, _, age = _get_with_age(app)
+    assert (status, digest) == (200, OLD_DIGEST) and age is not None
+    assert [c.request.method for c in mock.calls] == ["GET"], "no upstream request at all"
+    assert _count(freshness.RATE_LIMIT_RESERVE) == before + 1
+
+
+def test_authenticated_mode_ignores_background_and_reserve(
+    tmp_path: Path, mock: responses.RequestsMock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """§15: every authenticated hit is checked upstream; down means 502, never stale."""
+    app = _app(tmp_path, AUTHENTICATED, tag_revalidate="background", serve_stale_on_404=True)
+    _prime(app, mock)
+    monkeypatch.setattr(ratelimit, "reserve_reached", lambda registry: True)
+    mock.head(f"{UP}/v1", body=requests.ConnectionError("down"))
+    assert _get(app)[0] == 502
+    mock.replace(responses.HEAD, f"{UP}/v1", status=404)
+    mock.replace(responses.GET, f"{UP}/v1", status=404, json={"errors": []})
+    assert _get(app)[0] == 404
