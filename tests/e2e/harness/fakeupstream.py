@@ -166,3 +166,21 @@ class FakeUpstream:
     def count(self, method: str, fragment: str) -> int:
         """How many requests with this method touched a path containing fragment."""
         return sum(1 for m, p in self.requests if m == method and fragment in p)
+
+    def manifest(self, repo: str, tag: str, label: str, **behaviour: object) -> tuple[str, bytes]:
+        """Serve a small OCI image manifest (distinct per label) under repo:tag; its digest."""
+        data = (
+            '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json",'
+            f'"config":{{}},"layers":[],"annotations":{{"label":"{label}"}}}}'
+        ).encode()
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        headers = {
+            "Content-Type": "application/vnd.oci.image.manifest.v1+json",
+            "Docker-Content-Digest": digest,
+        }
+        self.routes[f"/v2/{repo}/manifests/{tag}"] = Behaviour(
+            body=data,
+            headers=headers,
+            **behaviour,  # type: ignore[arg-type]
+        )
+        return digest, data
