@@ -45,6 +45,8 @@ POLL = 0.01
 STATE_WAIT = 120.0
 FILL_GRACE = 5.0
 RECENT = 8  # chunks kept in memory per flight (at most 8 MiB)
+RECENT_BUDGET = 32 * CHUNK  # bytes kept so by all flights of a worker together (issue 16)
+_recent_held = 0  # bytes in every SpoolWriter._recent of this worker
 # <h>.lock, <h>.readers, <h>.state, <h>.state.<nonce> (being written), <h>.<nonce> (spool)
 _FLIGHT_FILE = re.compile(
     r"([0-9a-f]{40})\.(?:lock|readers|state|state\.[0-9a-f]{16}|[0-9a-f]{16})"
@@ -214,7 +216,7 @@ class SpoolWriter:
         self.written = 0
         self.head: Head | None = None
         # The last chunks, so readers in this worker that keep up skip the read-back.
-        self._recent: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=RECENT)
+        self._recent: collections.deque[tuple[int, bytes]] = collections.deque()
         self.finished = False
         self.complete = False
         self.reason = ""
@@ -252,9 +254,26 @@ class SpoolWriter:
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
-        self._recent.append((self.written, chunk))
+        self._remember(chunk)
         self.written += len(chunk)
         self.flights._notify(self.base)
+
+    def _remember(self, chunk: bytes) -> None:
+        """Keep the chunk for local readers while this worker's budget allows (else they
+        read it back from the spool): 100 downloads at once must not hold 800 MiB."""
+        global _recent_held
+        while self._recent and (
+            len(self._recent) >= RECENT or _recent_held + len(chunk) > RECENT_BUDGET
+        ):
+            _recent_held -= len(self._recent.popleft()[1])
+        if _recent_held + len(chunk) <= RECENT_BUDGET:
+            self._recent.append((self.written, chunk))
+            _recent_held += len(chunk)
+
+    def _forget(self) -> None:
+        global _recent_held
+        _recent_held -= sum(len(chunk) for _, chunk in self._recent)
+        self._recent.clear()
 
     def end(self, complete: bool, reason: str = "") -> None:
         """The upstream body is over: complete, or cut short for reason."""
@@ -305,6 +324,7 @@ class SpoolWriter:
         # An error stays readable for this flight's followers; the next leader clears it.
         state = () if self.error is not None else (self.base + ".state",)
         _remove(*state, self.spool_path, self.base + ".readers", self.base + ".lock")
+        self._forget()  # later reads come from the spool descriptors readers hold
         os.close(self._fd)
         os.close(self._check_fd)
 

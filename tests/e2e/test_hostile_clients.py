@@ -289,10 +289,17 @@ def test_hundred_cold_blobs_at_once(
     assert [p.name for p in (tmp_path / "spool").iterdir() if "." in p.name[40:]] == []
     grown = (rss.peak - rss_before) / 1024
     print(f"RSS of the workers: {rss_before / 1024:.0f} MiB before, peak {rss.peak / 1024:.0f}")
-    assert grown < 300, f"workers grew {grown:.0f} MiB for 100 concurrent cold blobs"
+    # The bound: flight.RECENT_BUDGET (32 MiB) per worker for chunks kept for local readers,
+    # plus buffers per download in progress; 400 MiB of blobs pass through at once.
+    assert grown < 200, f"workers grew {grown:.0f} MiB for 100 concurrent cold blobs"
 
     def held() -> list[str]:  # spool and store files (the metrics files stay open)
-        return [f for pid in workers for f in _open_files(pid) if f.startswith(str(tmp_path))]
+        return [
+            f
+            for pid in workers
+            for f in _open_files(pid)
+            if f.startswith(str(tmp_path)) and not f.endswith(".log")
+        ]
 
     deadline = time.monotonic() + 10
     while held() and time.monotonic() < deadline:
