@@ -82,6 +82,14 @@ class Config:
     peers_dns: str | None = None
     peer_url: str | None = None
     cluster_secret: str | None = None
+    # Upstream egress and credentials (issue 14)
+    upstream_auth_file: str | None = None
+    http_proxy: str | None = None
+    https_proxy: str | None = None
+    no_proxy: tuple[str, ...] = ()
+    upstream_ca_bundle: str | None = None
+    tls_skip_verify_registries: frozenset[str] = frozenset()
+    rate_limit_reserve: float = 0.10
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -132,6 +140,15 @@ class Config:
             peers_dns=cluster[1],
             peer_url=cluster[2],
             cluster_secret=reader.secret("CLUSTER_SECRET"),
+            upstream_auth_file=reader.auth_file("UPSTREAM_AUTH_FILE"),
+            http_proxy=reader.proxy("HTTP_PROXY"),
+            https_proxy=reader.proxy("HTTPS_PROXY"),
+            no_proxy=reader.no_proxy("NO_PROXY"),
+            upstream_ca_bundle=reader.ca_bundle("UPSTREAM_CA_BUNDLE"),
+            tls_skip_verify_registries=frozenset(
+                reader.registry_list("TLS_SKIP_VERIFY_REGISTRIES")
+            ),
+            rate_limit_reserve=reader.percent("RATE_LIMIT_RESERVE", 10.0) / 100,
         )
 
     @property
@@ -354,3 +371,73 @@ class _Reader:
         if not valid:
             raise ConfigError(name, value, "expected [host]:port, for example :8080")
         return value
+
+    # -- upstream egress and credentials (issue 14) --------------------------------------------
+
+    def proxy(self, name: str) -> str | None:
+        """HTTP(S)_PROXY, the lower-case spelling first as curl reads it; http(s)://host:port."""
+        value = self.raw(name.lower()) or self.raw(name)
+        if value is None:
+            return None
+        parsed = urlsplit(value if "://" in value else f"http://{value}")
+        try:
+            valid = parsed.scheme in ("http", "https") and bool(parsed.hostname)
+            valid = valid and (parsed.port or 0) >= 0  # a bad port raises ValueError
+        except ValueError:
+            valid = False
+        if not valid or parsed.path not in ("", "/") or parsed.query:
+            shown = "<hidden>" if "@" in value else value  # user:password@ stays out of logs
+            raise ConfigError(name, shown, "expected a proxy URL such as http://proxy:3128")
+        return parsed.geturl().rstrip("/")
+
+    def no_proxy(self, name: str) -> tuple[str, ...]:
+        """NO_PROXY (or no_proxy): hosts, domains, IPs/CIDRs, host:port or `*`."""
+        value = self.raw(name.lower()) or self.raw(name) or ""
+        items = tuple(item.strip() for item in value.split(",") if item.strip())
+        for item in items:
+            if any(c.isspace() or c in "/@?#" for c in item.split("/", 1)[0]):
+                raise ConfigError(name, value, "expected comma-separated hosts, domains or IPs")
+        return items
+
+    def auth_file(self, name: str) -> str | None:
+        """A readable Docker config.json; its content is checked here and re-read on change."""
+        from app.upstreamauth import load
+
+        path = self.raw(name)
+        if path is None:
+            return None
+        try:
+            load(path)
+        except OSError as exc:
+            raise ConfigError(name, path, f"cannot read it ({exc.strerror})") from None
+        except ValueError as exc:
+            raise ConfigError(name, path, f"expected a Docker config.json: {exc}") from None
+        return path
+
+    def ca_bundle(self, name: str) -> str | None:
+        """A PEM file of CA certificates, trusted in addition to the OS trust store."""
+        import ssl
+
+        path = self.raw(name)
+        if path is None:
+            return None
+        try:
+            ssl.create_default_context().load_verify_locations(cafile=path)
+        except (OSError, ssl.SSLError, ValueError):
+            raise ConfigError(
+                name, path, "expected a readable PEM file of CA certificates"
+            ) from None
+        return path
+
+    def percent(self, name: str, default: float) -> float:
+        """A percentage from 0 to 100 (`10` or `10%`)."""
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            number = float(value.removesuffix("%"))
+        except ValueError:
+            number = -1.0
+        if not 0 <= number <= 100:
+            raise ConfigError(name, value, "expected a percentage from 0 to 100, such as 10%")
+        return number

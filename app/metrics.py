@@ -184,3 +184,49 @@ def render(multiproc_dir: str | None) -> tuple[bytes, str]:
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=multiproc_dir)
     return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+UPSTREAM_RETRIES = Counter(
+    "oci_upstream_retries",
+    "Upstream requests sent again before any body byte, by reason (connect, 502, 503, 504, 429).",
+    ["reason"],
+    registry=REGISTRY,
+)
+
+
+def upstream_retried(reason: str) -> None:
+    """Count one retry; the reason is a status code or `connect`, never a client's choice."""
+    UPSTREAM_RETRIES.labels(reason).inc()
+
+
+RATELIMIT_LIMIT = Gauge(
+    "oci_upstream_ratelimit_limit",
+    "RateLimit-Limit of the registry's last answer (pulls per window).",
+    ["registry"],
+    multiprocess_mode="mostrecent",
+    registry=REGISTRY,
+)
+RATELIMIT_REMAINING = Gauge(
+    "oci_upstream_ratelimit_remaining",
+    "RateLimit-Remaining of the registry's last answer.",
+    ["registry"],
+    multiprocess_mode="mostrecent",
+    registry=REGISTRY,
+)
+RATELIMIT_SOURCES = Counter(
+    "oci_upstream_ratelimit_source_answers",
+    "Upstream answers carrying docker-ratelimit-source (the address is logged at debug only).",
+    registry=REGISTRY,
+)
+
+
+def ratelimit_observed(registry: str, limit: int, remaining: int) -> None:
+    """An upstream's rate-limit figures, under registry_label (§15: no client-chosen label)."""
+    label = registry_label(registry)
+    RATELIMIT_LIMIT.labels(label).set(limit)
+    RATELIMIT_REMAINING.labels(label).set(remaining)
+
+
+def ratelimit_source_seen() -> None:
+    """Count an answer that said which address upstream counts our pulls against."""
+    RATELIMIT_SOURCES.inc()

@@ -10,13 +10,19 @@ import ipaddress
 import logging
 import re
 import socket
+import ssl
 from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
 
+import requests
+from requests import PreparedRequest, Response
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import NameResolutionError, NewConnectionError
 
+from app.egress import Egress
 from app.oci import split_hostport
 
 log = logging.getLogger("oci_pull_through.netguard")
@@ -156,6 +162,9 @@ def _guarded_connection(base: type[HTTPConnection], guard: Guard) -> type[HTTPCo
     class GuardedConnection(base):  # type: ignore[valid-type,misc]
         def _new_conn(self) -> socket.socket:
             host = self._dns_host.strip("[]")
+            if _to_proxy(self, host):
+                # The configured proxy (trusted config): the adapter checked the target.
+                return super()._new_conn()
             try:
                 infos = socket.getaddrinfo(host, self.port, type=socket.SOCK_STREAM)
             except OSError as exc:
@@ -192,16 +201,56 @@ def _guarded_connection(base: type[HTTPConnection], guard: Guard) -> type[HTTPCo
     return GuardedConnection
 
 
-class GuardedAdapter(HTTPAdapter):
-    """A requests adapter whose connections pass through the Guard."""
+def _to_proxy(conn: HTTPConnection, host: str) -> bool:
+    proxy = getattr(conn, "proxy", None)
+    if proxy is None or proxy.host is None:
+        return False
+    return proxy.host.strip("[]").lower() == host.lower() and (proxy.port or 80) == conn.port
 
-    def __init__(self, guard: Guard, **kwargs: object) -> None:
+
+def check_target(guard: Guard, host: str, port: int) -> None:
+    """Through a proxy: resolve the target here and check every address it has (§15).
+
+    Fails closed (a name that does not resolve here is not handed to the proxy). The proxy
+    resolves the name again, so a DNS answer that changes in between is not seen: the
+    residual rebinding window of docs/security.md.
+    """
+    host = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise requests.ConnectionError(f"{host} does not resolve: {exc}") from None
+    if not infos:
+        raise requests.ConnectionError(f"{host} does not resolve")
+    for *_, sockaddr in infos:
+        guard.check(host, port, sockaddr[0])
+
+
+class GuardedAdapter(HTTPAdapter):
+    """A requests adapter whose connections pass through the Guard.
+
+    Direct connections are checked on the addresses they connect to; with an egress proxy
+    (app.egress.Egress) the target is checked by name before the request goes to the proxy,
+    and the socket to the proxy itself is not checked. TLS uses ssl_context (the OS trust
+    store plus UPSTREAM_CA_BUNDLE), or no verification when verify is False.
+    """
+
+    def __init__(
+        self,
+        guard: Guard,
+        *,
+        egress: Egress | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        verify: bool = True,
+        **kwargs: object,
+    ) -> None:
         self._guard = guard
+        self._egress = egress or Egress()
+        self._ssl_context = ssl_context
+        self._verify = verify
         super().__init__(**kwargs)  # type: ignore[arg-type]
 
-    def init_poolmanager(self, *args: object, **kwargs: object) -> None:
-        """Swap in pool classes whose connections check every address."""
-        super().init_poolmanager(*args, **kwargs)  # type: ignore[arg-type]
+    def _pool_classes(self) -> dict[str, type[HTTPConnectionPool]]:
         guard = self._guard
 
         class Pool(HTTPConnectionPool):
@@ -210,4 +259,34 @@ class GuardedAdapter(HTTPAdapter):
         class TLSPool(HTTPSConnectionPool):
             ConnectionCls = _guarded_connection(HTTPSConnection, guard)  # type: ignore[assignment]
 
-        self.poolmanager.pool_classes_by_scheme = {"http": Pool, "https": TLSPool}
+        return {"http": Pool, "https": TLSPool}
+
+    def init_poolmanager(self, *args: object, **kwargs: object) -> None:
+        """Swap in pool classes whose connections check every address."""
+        if self._ssl_context is not None:
+            kwargs["ssl_context"] = self._ssl_context
+        super().init_poolmanager(*args, **kwargs)  # type: ignore[arg-type]
+        self.poolmanager.pool_classes_by_scheme = self._pool_classes()
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: object) -> object:
+        """The proxy's pools: the same guarded classes and TLS context for the target."""
+        fresh = proxy not in self.proxy_managers
+        if self._ssl_context is not None:
+            proxy_kwargs.setdefault("ssl_context", self._ssl_context)
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)  # type: ignore[arg-type]
+        if fresh:
+            manager.pool_classes_by_scheme = self._pool_classes()
+        return manager
+
+    def send(self, request: PreparedRequest, *args: Any, **kwargs: Any) -> Response:  # type: ignore[override]
+        """Each hop (redirects too) picks its proxy by NO_PROXY; a proxied target is checked."""
+        url = request.url or ""
+        proxy = self._egress.proxy_for(url)
+        if proxy is not None:
+            parts = urlsplit(url)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            check_target(self._guard, parts.hostname or "", port)
+        kwargs["proxies"] = {urlsplit(url).scheme: proxy} if proxy else {}
+        if not self._verify:
+            kwargs["verify"] = False
+        return super().send(request, *args, **kwargs)

@@ -3,25 +3,37 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
-import re
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from urllib.parse import urlsplit
 
 import requests
 from urllib3.exceptions import HTTPError
 
-from app import metrics
+from app import metrics, ratelimit, wwwauth
+from app.bodies import (  # noqa: F401 - re-exported: app/fetch.py and app/peerfetch.py use them
+    CHUNK_SIZE,
+    MAX_ERROR_BODY,
+    MAX_TOKEN_BODY,
+    TooLarge,
+    iter_body,
+    keep_error_body,
+    raw_chunks,
+    read_limited,
+)
 from app.config import TRANSPARENT, Config
+from app.egress import Egress, retry_policy, tls_context
 from app.errors import Denied, UpstreamUnavailable
 from app.netguard import BlockedAddress, Guard, GuardedAdapter, matches_allowlist
 from app.oci import api_host
+from app.upstreamauth import AuthFile, UpstreamCredentials
 
-CHUNK_SIZE = 1024 * 1024
+log = logging.getLogger("oci_pull_through.upstream")
 MAX_CACHED_TOKENS = 1024
-_CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"([^"]*)"|([^\s,]+))')
 
 
 @dataclass(frozen=True)
@@ -84,41 +96,12 @@ class TokenCache:
             self._tokens.pop((registry, scope), None)
 
 
-def parse_bearer_challenge(header: str | None) -> dict[str, str] | None:
-    """The parameters of a Bearer WWW-Authenticate challenge, or None for other schemes."""
+def parse_bearer_challenge(header: str | Sequence[str] | None) -> dict[str, str] | None:
+    """The first Bearer challenge naming a realm among the WWW-Authenticate value(s), or None."""
     if not header:
         return None
-    scheme, _, rest = header.strip().partition(" ")
-    if scheme.lower() != "bearer":
-        return None
-    params = {
-        m.group(1).lower(): m.group(2) if m.group(2) is not None else m.group(3)
-        for m in _CHALLENGE_PARAM.finditer(rest)
-    }
-    return params if params.get("realm") else None
-
-
-def raw_chunks(response: requests.Response, size: int = CHUNK_SIZE) -> Iterator[bytes]:
-    """Whatever has arrived, up to size bytes at a time: slow upstreams stream without delay."""
-    buffered = response._content  # bytes once something has read .content (a kept 401)
-    if isinstance(buffered, bytes):
-        if buffered:
-            yield buffered
-        return
-    raw = response.raw
-    while True:
-        chunk = raw.read1(size, decode_content=False)
-        if not chunk:
-            return
-        yield chunk
-
-
-MAX_ERROR_BODY = 64 * 1024
-MAX_TOKEN_BODY = 1024 * 1024
-
-
-class TooLarge(Exception):
-    """An upstream body went past its cap (counted in bytes read, not Content-Length)."""
+    values = [header] if isinstance(header, str) else list(header)
+    return wwwauth.bearer(wwwauth.parse_all(values))
 
 
 class TokenRefused(UpstreamUnavailable):
@@ -133,58 +116,6 @@ class RealmToken:
     expires_in: float
 
 
-def read_limited(response: requests.Response, limit: int) -> bytes:
-    """The whole body, or TooLarge as soon as more than limit bytes arrive (§15 bounded work)."""
-    parts: list[bytes] = []
-    size = 0
-    for chunk in raw_chunks(response, min(limit + 1, CHUNK_SIZE)):
-        size += len(chunk)
-        if size > limit:
-            response.close()
-            raise TooLarge(f"more than {limit} bytes")
-        parts.append(chunk)
-    return b"".join(parts)
-
-
-def keep_error_body(response: requests.Response, registry: str) -> None:
-    """Read an error answer into memory, capped at MAX_ERROR_BODY: beyond it, a clean 502."""
-    try:
-        body = read_limited(response, MAX_ERROR_BODY)
-    except TooLarge:
-        raise UpstreamUnavailable(
-            registry, f"{response.status_code} answer larger than {MAX_ERROR_BODY} bytes"
-        ) from None
-    except Exception as exc:  # reset or timed out mid-body
-        response.close()
-        raise UpstreamUnavailable(registry, f"body failed: {type(exc).__name__}") from None
-    response._content = body
-    response._content_consumed = True
-
-
-def iter_body(response: requests.Response, registry: str) -> Iterator[bytes]:
-    """The raw body as upstream sent it, releasing the connection at the end.
-
-    The first chunk is read before returning, so an upstream that fails before any
-    body byte becomes a clean 502 instead of a broken response.
-    """
-    chunks = raw_chunks(response)
-    try:
-        first = next(chunks, b"")
-    except Exception as exc:
-        response.close()
-        raise UpstreamUnavailable(registry, f"body failed: {type(exc).__name__}") from None
-
-    def body() -> Iterator[bytes]:
-        try:
-            if first:
-                yield first
-            yield from chunks
-        finally:
-            response.close()
-
-    return body()
-
-
 class Upstream:
     """One pooled session per worker; every call goes through the allowlist and the SSRF guard."""
 
@@ -192,14 +123,45 @@ class Upstream:
         self.config = config
         self.tokens = TokenCache()
         self.session = requests.Session()
-        self.session.trust_env = False
+        self.session.trust_env = False  # proxies come from app/config.py, through the adapter
         self.session.max_redirects = 5
         self.session.headers["Accept-Encoding"] = "identity"
         guard = Guard.from_lists(config.allowed_registries, config.insecure_registries)
-        adapter = GuardedAdapter(guard, pool_connections=16, pool_maxsize=64, max_retries=0)
+        egress = Egress(config.http_proxy, config.https_proxy, config.no_proxy)
+        pools = {"pool_connections": 16, "pool_maxsize": 64}
+        adapter = GuardedAdapter(
+            guard,
+            egress=egress,
+            ssl_context=tls_context(config.upstream_ca_bundle),
+            max_retries=retry_policy(),
+            **pools,
+        )
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
+        for registry in sorted(config.tls_skip_verify_registries):
+            log.warning("TLS_SKIP_VERIFY_REGISTRIES: %s is reached WITHOUT verifying TLS", registry)
+            unverified = GuardedAdapter(
+                guard,
+                egress=egress,
+                ssl_context=tls_context(None, verify=False),
+                verify=False,
+                max_retries=retry_policy(),
+                **pools,
+            )
+            self.session.mount(f"https://{api_host(registry)}/", unverified)
         self.timeout = (config.upstream_connect_timeout, config.upstream_read_timeout)
+        self.auth_file: AuthFile | None = None
+        if config.upstream_auth_file and config.proxy_mode == TRANSPARENT:
+            self.auth_file = AuthFile(config.upstream_auth_file)
+        elif config.upstream_auth_file:
+            log.warning("UPSTREAM_AUTH_FILE is ignored in authenticated mode (SPEC §5)")
+        ratelimit.configure(config.rate_limit_reserve)
+
+    def configured_credentials(self, registry: str) -> UpstreamCredentials | None:
+        """UPSTREAM_AUTH_FILE's credentials for registry: transparent mode only (SPEC §5)."""
+        if self.auth_file is None or self.config.proxy_mode != TRANSPARENT:
+            return None
+        return self.auth_file.get(registry)
 
     def may_send_credentials(self, registry: str) -> bool:
         """§15: a client's credentials only ever go to CREDENTIAL_REGISTRIES (and their realms)."""
@@ -234,13 +196,17 @@ class Upstream:
         the one door every registry request goes through: that registry is asked anonymously.
         """
         self.check_allowed(registry)
-        if client.authorization is not None and not self.may_send_credentials(registry):
+        sent_by_client = client.authorization is not None
+        if sent_by_client and not self.may_send_credentials(registry):
             client = replace(client, authorization=None)
+        # The cache's own credentials: only for a request that carries none of the client's.
+        configured = None if sent_by_client else self.configured_credentials(registry)
+        token_key = registry if configured is None else f"{registry}#{configured.fingerprint}"
         headers = self._forward_headers(client, forward_range)
         default_scope = f"repository:{name}:pull" if name else ""
         used_cached = False
         if client.authorization is None and default_scope:
-            cached = self.tokens.get(registry, default_scope)
+            cached = self.tokens.get(token_key, default_scope)
             if cached:
                 headers["Authorization"] = f"Bearer {cached}"
                 used_cached = True
@@ -248,24 +214,62 @@ class Upstream:
         response = self._request(method, registry, url, headers, params, follow_redirects)
         if response.status_code != 401:
             return response
-        challenge = parse_bearer_challenge(response.headers.get("WWW-Authenticate"))
+        challenges = wwwauth.parse_all(wwwauth.header_values(response))
+        challenge = wwwauth.bearer(challenges)
         retry_anonymously = client.authorization is None or self.config.proxy_mode == TRANSPARENT
-        if challenge is None or not retry_anonymously or not token_dance:
+        if not retry_anonymously or not token_dance:
             return response
-        scope = challenge.get("scope", default_scope)
+        if configured is not None and not _answered_by(response, registry):
+            configured = None  # a redirect target's challenge never gets the cache's credentials
         if used_cached:
-            self.tokens.drop(registry, default_scope)
-        token = self.anonymous_token(registry, challenge, scope)
-        if token is None:
+            self.tokens.drop(token_key, default_scope)
+        authorization = None
+        if challenge is not None:
+            scope = challenge.get("scope", default_scope)
+            token = self.realm_token(registry, challenge, scope, configured)
+            authorization = f"Bearer {token}" if token else None
+        elif configured is not None and configured.username and wwwauth.offers_basic(challenges):
+            authorization = f"Basic {configured.basic()}"
+        if authorization is None:
             return response
         keep_error_body(response, registry)  # the original 401, to forward if the retry fails
-        retry_headers = dict(headers, Authorization=f"Bearer {token}")
+        retry_headers = dict(headers, Authorization=authorization)
         retry = self._request(method, registry, url, retry_headers, params, follow_redirects)
         if retry.status_code == 401:
             retry.close()
             return response
         response.close()
         return retry
+
+    def realm_token(
+        self,
+        registry: str,
+        challenge: Mapping[str, str],
+        scope: str,
+        configured: UpstreamCredentials | None = None,
+    ) -> str | None:
+        """A token from the challenge's realm, with the configured credentials when given."""
+        if configured is not None:
+            key = f"{registry}#{configured.fingerprint}"
+            cached = self.tokens.get(key, scope) if scope else None
+            if cached:
+                return cached
+            params = _token_params(challenge, scope)
+            try:
+                token = self.fetch_token(
+                    registry,
+                    challenge["realm"],
+                    params,
+                    basic=None if configured.identity_token else configured.basic(),
+                    refresh_token=configured.identity_token or None,
+                )
+            except UpstreamUnavailable as exc:  # TokenRefused too: go anonymous
+                log.warning("UPSTREAM_AUTH_FILE credentials for %s: %s", registry, exc.message)
+            else:
+                if scope:
+                    self.tokens.put(key, scope, token.value, token.expires_in)
+                return token.value
+        return self.anonymous_token(registry, challenge, scope)
 
     def anonymous_token(
         self, registry: str, challenge: Mapping[str, str], scope: str
@@ -275,9 +279,8 @@ class Upstream:
             cached = self.tokens.get(registry, scope)
             if cached:
                 return cached
-        params = [(k, v) for k, v in (("service", challenge.get("service")), ("scope", scope)) if v]
         try:
-            token = self.fetch_token(registry, challenge["realm"], params)
+            token = self.fetch_token(registry, challenge["realm"], _token_params(challenge, scope))
         except UpstreamUnavailable:  # TokenRefused too
             return None
         if scope:
@@ -285,9 +288,16 @@ class Upstream:
         return token.value
 
     def fetch_token(
-        self, registry: str, realm: str, params: list[tuple[str, str]], basic: str | None = None
+        self,
+        registry: str,
+        realm: str,
+        params: list[tuple[str, str]],
+        basic: str | None = None,
+        refresh_token: str | None = None,
     ) -> RealmToken:
         """One token from a registry's realm, with Basic credentials when given.
+
+        With refresh_token (a config.json identitytoken), the OAuth2 form POST instead.
 
         The one upstream token fetch, for the anonymous dance and the token proxy alike: SSRF
         guarded (Denied), body capped at MAX_TOKEN_BODY, counted in the upstream metrics.
@@ -295,10 +305,16 @@ class Upstream:
         """
         headers = {"Authorization": f"Basic {basic}"} if basic is not None else {}
         started = time.monotonic()
+        form = None
+        if refresh_token is not None:
+            grant = [("grant_type", "refresh_token"), ("refresh_token", refresh_token)]
+            form, params = [*grant, ("client_id", "oci-pull-through"), *params], []
         try:
-            reply = self.session.get(
+            reply = self.session.request(
+                "GET" if form is None else "POST",
                 realm,
                 params=params,
+                data=form,
                 headers=headers,
                 timeout=self.timeout,
                 allow_redirects=False,
@@ -374,7 +390,18 @@ class Upstream:
             metrics.upstream_answered(registry, "error", time.monotonic() - started)
             raise UpstreamUnavailable(registry, _describe(exc)) from None
         metrics.upstream_answered(registry, response.status_code, time.monotonic() - started)
+        ratelimit.observe(registry, response.headers)
         return response
+
+
+def _token_params(challenge: Mapping[str, str], scope: str) -> list[tuple[str, str]]:
+    pairs = (("service", challenge.get("service")), ("scope", scope))
+    return [(k, v) for k, v in pairs if v]
+
+
+def _answered_by(response: requests.Response, registry: str) -> bool:
+    """Whether the answer came from the registry's own host, not from a redirect target."""
+    return urlsplit(response.url).netloc.lower() == api_host(registry).lower()
 
 
 def _describe(exc: requests.RequestException) -> str:

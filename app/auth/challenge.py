@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from app import wwwauth
 from app.auth import Scheme
 from app.errors import UpstreamUnavailable
-from app.upstream import ClientHeaders, Upstream, parse_bearer_challenge
+from app.upstream import ClientHeaders, Upstream
 
 MAX_CHALLENGES = 1024
 
@@ -22,16 +24,21 @@ class Challenge:
     service: str = ""
 
 
-def parse_challenge(status: int, header: str | None) -> Challenge | None:
-    """Challenge of a /v2/ answer: 200 means no auth; None when the answer is unusable."""
+def parse_challenge(status: int, header: str | Sequence[str] | None) -> Challenge | None:
+    """Challenge of a /v2/ answer: 200 means no auth; None when the answer is unusable.
+
+    Every WWW-Authenticate header and every challenge in each is considered; Bearer wins.
+    """
     if status == 200:
         return Challenge(Scheme.NONE)
     if status != 401:
         return None
-    bearer = parse_bearer_challenge(header)
+    values = [header] if isinstance(header, str) else list(header or ())
+    challenges = wwwauth.parse_all(values)
+    bearer = wwwauth.bearer(challenges)
     if bearer is not None:
         return Challenge(Scheme.BEARER, bearer["realm"], bearer.get("service", ""))
-    if header and header.strip().lower().startswith("basic"):
+    if wwwauth.offers_basic(challenges):
         return Challenge(Scheme.BASIC)
     return None
 
@@ -60,9 +67,7 @@ class ChallengeCache:
             return known[0]
         response = self.upstream.send("GET", registry, "/v2/", ClientHeaders(), token_dance=False)
         with response:
-            challenge = parse_challenge(
-                response.status_code, response.headers.get("WWW-Authenticate")
-            )
+            challenge = parse_challenge(response.status_code, wwwauth.header_values(response))
         if challenge is None:
             raise UpstreamUnavailable(registry, f"/v2/ answered {response.status_code}")
         self._remember(registry, challenge)

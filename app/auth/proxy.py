@@ -121,6 +121,11 @@ class TokenProxy:
         self.upstream.check_allowed(registry)
         if not self.upstream.may_send_credentials(registry):
             creds = None  # §15: not to its /v2/, not to its realm; the grant is anonymous
+        if creds is None and self.upstream.configured_credentials(registry) is not None:
+            # An anonymous client of a registry UPSTREAM_AUTH_FILE covers: the grant stays
+            # empty, so its registry requests carry nothing and the cache's own credentials
+            # are used there (transparent mode only), never sealed into a client's token.
+            return Grant(Scheme.NONE), None
         try:
             challenge = self.challenges.get(registry)
             if challenge.scheme == Scheme.BEARER:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import http.server
+import json
+import os
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -649,3 +653,115 @@ def test_internal_registry_not_exempt_is_refused(listener: socket.socket) -> Non
         upstream.send("GET", registry, PATH, ClientHeaders(), name=NAME)
     assert info.value.status == 403
     _never_contacted(listener)
+
+
+# -- WWW-Authenticate: every header, every challenge (issue 14) -----------------------------------
+
+
+def test_merged_header_takes_the_bearer_realm_not_the_last_realm() -> None:
+    merged = f'Bearer realm="{REALM}",service="reg", Basic realm="evil"'
+    assert parse_bearer_challenge(merged) == {"realm": REALM, "service": "reg"}
+    assert parse_bearer_challenge(['Basic realm="x"', f'Bearer realm="{REALM}"']) == {
+        "realm": REALM
+    }
+    assert parse_bearer_challenge('Basic realm="x, realm=y"') is None
+
+
+def test_two_www_authenticate_headers_are_parsed_one_by_one(mock: responses.RequestsMock) -> None:
+    add_token(mock)
+    headers = [("WWW-Authenticate", 'Basic realm="a, b"'), ("WWW-Authenticate", CHALLENGE)]
+
+    def callback(request: requests.PreparedRequest) -> tuple[int, list[tuple[str, str]], str]:
+        if request.headers.get("Authorization") == "Bearer anon-1":
+            return 200, [], "manifest"
+        return 401, headers, "{}"
+
+    mock.add_callback("GET", URL, callback=callback)
+    assert make().send("GET", REG, PATH, ClientHeaders(), name=NAME).status_code == 200
+    assert len(token_calls(mock)) == 1
+
+
+# -- UPSTREAM_AUTH_FILE (issue 14) ---------------------------------------------------------------
+
+AUTH_USER, AUTH_PASS = "cacheuser", "cache-pw"
+AUTH_BASIC = "Basic " + base64.b64encode(f"{AUTH_USER}:{AUTH_PASS}".encode()).decode()
+
+
+def auth_file(tmp_path: Path, registry: str = REG) -> str:
+    path = tmp_path / "config.json"
+    entry = {"auth": base64.b64encode(f"{AUTH_USER}:{AUTH_PASS}".encode()).decode()}
+    path.write_text(json.dumps({"auths": {registry: entry}}))
+    return str(path)
+
+
+def test_configured_credentials_go_to_the_challenge_realm(
+    mock: responses.RequestsMock, tmp_path: Path
+) -> None:
+    mock.get(REALM, json={"token": "paid-1"})
+    needs_token(mock, token="paid-1")
+    upstream = make(upstream_auth_file=auth_file(tmp_path))
+    assert upstream.send("GET", REG, PATH, ClientHeaders(), name=NAME).status_code == 200
+    [call] = token_calls(mock)
+    assert call.request.headers["Authorization"] == AUTH_BASIC
+    assert all(c.request.headers.get("Authorization") != AUTH_BASIC for c in registry_calls(mock))
+    # the token is cached apart from anonymous ones
+    upstream.send("GET", REG, PATH, ClientHeaders(), name=NAME)
+    assert len(token_calls(mock)) == 1
+
+
+def test_configured_credentials_as_basic(mock: responses.RequestsMock, tmp_path: Path) -> None:
+    def callback(request: requests.PreparedRequest) -> tuple[int, dict[str, str], str]:
+        if request.headers.get("Authorization") == AUTH_BASIC:
+            return 200, {}, "manifest"
+        return 401, {"WWW-Authenticate": 'Basic realm="r"'}, "{}"
+
+    mock.add_callback("GET", URL, callback=callback)
+    upstream = make(upstream_auth_file=auth_file(tmp_path))
+    assert upstream.send("GET", REG, PATH, ClientHeaders(), name=NAME).status_code == 200
+
+
+@pytest.mark.parametrize("case", ["authenticated", "client sent credentials", "other registry"])
+def test_configured_credentials_are_not_used(
+    mock: responses.RequestsMock, tmp_path: Path, case: str
+) -> None:
+    mock.get(REALM, json={"token": "anon-1"})
+    needs_token(mock, token="never")
+    mode = AUTHENTICATED if case == "authenticated" else TRANSPARENT
+    path = auth_file(tmp_path, "other.test" if case == "other registry" else REG)
+    client = (
+        ClientHeaders(authorization="Basic Y2xpZW50OnB3") if "client" in case else ClientHeaders()
+    )
+    make(mode, upstream_auth_file=path).send("GET", REG, PATH, client, name=NAME)
+    sent = [c.request.headers.get("Authorization") for c in mock.calls]
+    assert AUTH_BASIC not in sent
+
+
+def test_configured_credentials_never_follow_a_redirect_target_challenge(
+    mock: responses.RequestsMock, tmp_path: Path
+) -> None:
+    blob = f"/v2/{NAME}/blobs/sha256:{'c' * 64}"
+    mock.get(f"https://{REG}{blob}", status=307, headers={"Location": "https://cdn.test/b"})
+    evil = 'Bearer realm="https://cdn.test/token"'
+    mock.get("https://cdn.test/b", status=401, headers={"WWW-Authenticate": evil})
+    mock.get("https://cdn.test/token", json={"token": "t"})
+    upstream = make(upstream_auth_file=auth_file(tmp_path))
+    upstream.send("GET", REG, blob, ClientHeaders(), name=NAME, follow_redirects=True)
+    assert all(c.request.headers.get("Authorization") != AUTH_BASIC for c in mock.calls)
+
+
+def test_auth_file_is_reread_when_a_secret_update_swaps_the_symlink(tmp_path: Path) -> None:
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text('{"auths": {}}')
+    (tmp_path / "new").mkdir()
+    auth_file(tmp_path / "new", REG)
+    link = tmp_path / "config.json"
+    link.symlink_to(tmp_path / "old" / "config.json")
+    upstream = make(upstream_auth_file=str(link))
+    assert upstream.configured_credentials(REG) is None
+    swap = tmp_path / "swap"
+    swap.symlink_to(tmp_path / "new" / "config.json")
+    os.replace(swap, link)  # what the kubelet does with ..data
+    creds = upstream.configured_credentials(REG)
+    assert creds is not None and creds.username == AUTH_USER
+    (tmp_path / "new" / "config.json").write_text("not json")
+    assert upstream.configured_credentials(REG) is None  # unusable: nothing is sent
