@@ -1,4 +1,4 @@
-"""The oci-pull-through command: serve, healthcheck, check-config, gc, warm and ls."""
+"""The oci-pull-through command: serve, healthcheck, check-config, gc, warm, ls, export, import."""
 
 from __future__ import annotations
 
@@ -77,9 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("healthcheck", help="probe /healthz on LISTEN_ADDR; exit 0 or 1")
     sub.add_parser("check-config", help="validate the configuration; exit 0 or 1")
-    from app.commands import gc, ls, serve, warm
+    from app.commands import export, gc, import_, ls, serve, warm
 
-    commands = {"serve": serve, "gc": gc, "warm": warm, "ls": ls}
+    commands = {
+        "serve": serve,
+        "gc": gc,
+        "warm": warm,
+        "ls": ls,
+        "export": export,
+        "import": import_,
+    }
     for command in commands.values():
         command.add_parser(sub)
     parsed = parser.parse_args(args)
