@@ -415,18 +415,20 @@ class _Reader:
         return path
 
     def ca_bundle(self, name: str) -> str | None:
-        """A PEM file of CA certificates, trusted in addition to the OS trust store."""
-        import ssl
+        """A PEM file of CA certificates, trusted in addition to the OS trust store.
 
+        Checked without importing ssl: the master must not, before gevent patches it.
+        """
         path = self.raw(name)
         if path is None:
             return None
         try:
-            ssl.create_default_context().load_verify_locations(cafile=path)
-        except (OSError, ssl.SSLError, ValueError):
-            raise ConfigError(
-                name, path, "expected a readable PEM file of CA certificates"
-            ) from None
+            with open(path, "rb") as fh:
+                pem = fh.read(16 * 1024 * 1024)
+        except OSError:
+            pem = b""
+        if b"-----BEGIN CERTIFICATE-----" not in pem:
+            raise ConfigError(name, path, "expected a readable PEM file of CA certificates")
         return path
 
     def percent(self, name: str, default: float) -> float:
@@ -441,3 +443,35 @@ class _Reader:
         if not 0 <= number <= 100:
             raise ConfigError(name, value, "expected a percentage from 0 to 100, such as 10%")
         return number
+
+
+def bind_addresses(listen_addr: str) -> list[str]:
+    """gunicorn's bind for LISTEN_ADDR: an empty host means IPv6 and IPv4 where there is IPv6.
+
+    `[::]:port` with IPV6_V6ONLY off (Linux's default, net.ipv6.bindv6only=0) takes both;
+    where the host forces v6only, `0.0.0.0:port` is bound as well; without IPv6, IPv4 only.
+    """
+    host, _, port = listen_addr.rpartition(":")
+    if host:
+        return [listen_addr]
+    if not _has_ipv6():
+        return [f"0.0.0.0:{port}"]
+    try:
+        with open("/proc/sys/net/ipv6/bindv6only") as fh:
+            v6only = fh.read().strip() == "1"
+    except OSError:
+        v6only = False
+    return [f"[::]:{port}", f"0.0.0.0:{port}"] if v6only else [f"[::]:{port}"]
+
+
+def _has_ipv6() -> bool:
+    import socket
+
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True

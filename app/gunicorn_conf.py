@@ -11,11 +11,12 @@ from __future__ import annotations
 import math
 
 from app import serverhooks
+from app.config import bind_addresses
 
 _settings = serverhooks.load()  # an invalid setting: one line on stderr, exit 1
 _config = _settings.config
 
-bind = [serverhooks.bind_address(_config.listen_addr)]
+bind = bind_addresses(_config.listen_addr)  # `:8080`: IPv6 and IPv4 where there is IPv6
 # gevent, plus HEADER_TIMEOUT, SEND_TIMEOUT, connection slots and fair scheduling
 worker_class = "app.worker.Worker"
 workers = _settings.workers  # WEB_CONCURRENCY

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pathlib
+
 import pytest
 
 from app.config import Config, ConfigError
@@ -280,3 +282,64 @@ def test_listen_addr_port_zero_means_any_free_port() -> None:
     assert Config.from_env(
         {"PROXY_MODE": "transparent", "LISTEN_ADDR": "127.0.0.1:0"}
     ).listen_addr == ("127.0.0.1:0")
+
+
+# -- issue 14: dual-stack listening and the upstream egress settings ----------------------------
+
+
+def test_empty_listen_host_binds_ipv6_and_ipv4(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`:PORT` -> `[::]:PORT` (IPV6_V6ONLY off: both families); a host is kept as given.
+
+    The e2e test listens on [::1] only: a test never listens on every interface.
+    """
+    from app import config as config_module
+
+    assert config_module.bind_addresses("127.0.0.1:8080") == ["127.0.0.1:8080"]
+    assert config_module.bind_addresses("[::1]:8080") == ["[::1]:8080"]
+    monkeypatch.setattr(config_module, "_has_ipv6", lambda: True)
+    assert config_module.bind_addresses(":8080")[0] == "[::]:8080"
+    monkeypatch.setattr(config_module, "_has_ipv6", lambda: False)
+    assert config_module.bind_addresses(":8080") == ["0.0.0.0:8080"]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("HTTPS_PROXY", "ftp://proxy:21"),
+        ("HTTP_PROXY", "http://proxy:99999"),
+        ("NO_PROXY", "a b"),
+        ("UPSTREAM_AUTH_FILE", "/nonexistent/config.json"),
+        ("UPSTREAM_CA_BUNDLE", "/etc/hostname"),
+        ("RATE_LIMIT_RESERVE", "101"),
+        ("TLS_SKIP_VERIFY_REGISTRIES", "not a host"),
+    ],
+)
+def test_upstream_egress_settings_are_validated(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=f"^invalid configuration: {name}="):
+        Config.from_env({"PROXY_MODE": "transparent", name: value})
+
+
+def test_proxy_credentials_never_reach_the_error_line() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Config.from_env({"PROXY_MODE": "transparent", "HTTPS_PROXY": "ftp://u:secret@p"})
+    assert "secret" not in str(caught.value)
+
+
+def test_upstream_egress_settings(tmp_path: pathlib.Path) -> None:
+    auth = tmp_path / "config.json"
+    auth.write_text('{"auths": {"docker.io": {"auth": "dTpw"}}}')
+    config = Config.from_env(
+        {
+            "PROXY_MODE": "transparent",
+            "https_proxy": "http://proxy.corp:3128",
+            "NO_PROXY": "localhost,.corp",
+            "UPSTREAM_AUTH_FILE": str(auth),
+            "RATE_LIMIT_RESERVE": "5%",
+            "TLS_SKIP_VERIFY_REGISTRIES": "old.corp:5000",
+        }
+    )
+    assert config.https_proxy == "http://proxy.corp:3128" and config.http_proxy is None
+    assert config.no_proxy == ("localhost", ".corp")
+    assert config.upstream_auth_file == str(auth)
+    assert config.rate_limit_reserve == 0.05
+    assert config.tls_skip_verify_registries == frozenset({"old.corp:5000"})
