@@ -131,15 +131,16 @@ def bypasses(host: str, port: int | None, entries: tuple[str, ...]) -> bool:
 
 
 def tls_context(ca_bundle: str | None, verify: bool = True) -> ssl.SSLContext:
-    """The OS trust store (truststore) plus UPSTREAM_CA_BUNDLE; or no verification at all."""
+    """The OS trust store plus UPSTREAM_CA_BUNDLE; or no verification at all."""
     if not verify:
         context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
         return context
-    import truststore
-
-    context = truststore.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    # The OS trust store through OpenSSL's default paths (/etc/ssl/certs on Debian), not the
+    # truststore package: its SSLContext recurses in verify_mode's setter once gevent has
+    # patched ssl (every worker), so it cannot be used here.
+    context = ssl.create_default_context()
     if ca_bundle:
         context.load_verify_locations(cafile=ca_bundle)
     return context

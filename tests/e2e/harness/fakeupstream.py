@@ -184,3 +184,19 @@ class FakeUpstream:
             **behaviour,  # type: ignore[arg-type]
         )
         return digest, data
+
+
+def in_turn(
+    path: str, *answers: Behaviour
+) -> Callable[[str, str, dict[str, str]], Behaviour | None]:
+    """A FakeUpstream.responder answering path with each behaviour in turn (the last repeats)."""
+    served = [0]
+
+    def respond(method: str, requested: str, headers: dict[str, str]) -> Behaviour | None:
+        if requested != path:
+            return None
+        answer = answers[min(served[0], len(answers) - 1)]
+        served[0] += 1
+        return answer
+
+    return respond
