@@ -330,3 +330,32 @@ def test_full_spool_streams_a_miss_through(
     assert proxy.wait_cached([other]) == [], "the spool had room again: cached"
     metrics = requests.get(f"{proxy.url}/metrics", timeout=5).text
     assert 'oci_cache_aborts_total{kind="blob",reason="spool full"} 1.0' in metrics
+
+
+def test_slow_readers_do_not_slow_others(
+    fake: FakeUpstream, make_proxy: Callable[..., ProxyServer]
+) -> None:
+    """500 clients holding a cached blob's answer without reading it: other clients' hits
+    (blob, manifest-sized, /healthz) still come back at once."""
+    _raise_fd_limit(4000)
+    big, _ = fake.blob("e2e/app", 16 * MiB)
+    small, small_data = fake.blob("e2e/app", 256 * 1024)
+    proxy = make_proxy(_env(fake))
+    for digest in (big, small):
+        requests.get(f"{proxy.url}/v2/e2e/app/blobs/{digest}", timeout=20).raise_for_status()
+    assert proxy.wait_cached([big, small]) == []
+    slow = [_stalled_reader(proxy.port, f"/v2/e2e/app/blobs/{big}") for _ in range(500)]
+    try:
+        times = []
+        with requests.Session() as session:
+            for _ in range(20):
+                start = time.monotonic()
+                r = session.get(f"{proxy.url}/v2/e2e/app/blobs/{small}", timeout=10)
+                assert r.status_code == 200 and r.content == small_data
+                assert session.get(f"{proxy.url}/healthz", timeout=10).text == "ok"
+                times.append(time.monotonic() - start)
+        print(f"hits beside 500 stalled readers: median {sorted(times)[10] * 1000:.0f} ms")
+        assert max(times) < 2.0, times
+    finally:
+        for s in slow:
+            s.close()
