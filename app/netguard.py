@@ -270,7 +270,7 @@ class GuardedAdapter(HTTPAdapter):
 
     def proxy_manager_for(self, proxy: str, **proxy_kwargs: object) -> object:
         """The proxy's pools: the same guarded classes and TLS context for the target."""
-        fresh = proxy not in self.proxy_managers
+        fresh = proxy not in self.proxy_manager
         if self._ssl_context is not None:
             proxy_kwargs.setdefault("ssl_context", self._ssl_context)
         manager = super().proxy_manager_for(proxy, **proxy_kwargs)  # type: ignore[arg-type]
