@@ -13,7 +13,7 @@ import gevent
 
 from app import freshness, metrics, policy, serve
 from app.config import AUTHENTICATED, Config
-from app.errors import RegistryError, UpstreamUnavailable
+from app.errors import RegistryError
 from app.fetch import FILL_WAIT, Fetcher, source
 from app.flight import FlightGone, Flights, SpoolWriter, Uncoalescible
 from app.oci import BLOB, TAGS, Target, accepts
@@ -236,7 +236,10 @@ class Proxy:
             if not ticket.leader:
                 metrics.COALESCED.inc()
             return Reply(head.status, head.headers, body, outcome=MISS)
-        raise UpstreamUnavailable(target.registry, "the download kept failing; try again")
+        # Each flight it joined ended before its first byte (short manifest flights under load
+        # do): ask upstream for this client alone rather than fail it.
+        response = self.fetcher.send("GET", target, client, follow_redirects=redirects)
+        return self.fetcher.forward(response, "GET", target)
 
     def _coalesced_blob(
         self,

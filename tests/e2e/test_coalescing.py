@@ -127,3 +127,31 @@ def test_concurrent_cold_manifest_requests_make_one_upstream_request(
     with requests.get(f"{proxy.url}/v2/co/repo/manifests/{digest}", timeout=10) as r:
         assert r.status_code == 200 and r.content == body
     assert fake.count("GET", f"/manifests/{digest}") == 0, "stored under its digest too"
+
+
+def test_concurrent_narrow_accept_tag_requests_all_succeed(
+    make_proxy: Callable[..., ProxyServer], fake: FakeUpstream
+) -> None:
+    """A narrow Accept's answer is never the tag's entry (SPEC §15), so every such request
+    is a miss through a very short flight; a client that keeps arriving as a flight ends
+    is answered from upstream on its own, never with a 502."""
+    digest, data = fake.manifest("co/app", "v1", "narrow")
+    proxy = make_proxy({"INSECURE_REGISTRIES": fake.host})
+    url = f"{proxy.url}/v2/{fake.host}/co/app/manifests/v1"
+    accept = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+    answers: list[tuple[int, bytes]] = []
+
+    def client() -> None:
+        with requests.Session() as session:
+            for _ in range(40):
+                r = session.get(url, headers=accept, timeout=30)
+                answers.append((r.status_code, r.content))
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert len(answers) == 320
+    assert [status for status, _ in answers if status != 200] == []
+    assert all(body == data for _, body in answers)
