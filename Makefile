@@ -28,6 +28,7 @@ test:
 	scripts/install-test-deps.sh
 	$(MAKE) --no-print-directory $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy app
 	$(VENV)/bin/pytest
 
 bench: $(STAMP)

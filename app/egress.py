@@ -36,16 +36,16 @@ class UpstreamRetry(Retry):
     or longer than MAX_ERROR_BODY is passed on instead, so a huge error body is never read.
     """
 
-    def increment(  # type: ignore[no-untyped-def,override]
+    def increment(
         self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None
     ):
         """Count the retry, or refuse it (MaxRetryError) when it could hurt."""
         if isinstance(error, NameResolutionError):
-            raise MaxRetryError(_pool, url, error)  # type: ignore[arg-type]
+            raise MaxRetryError(_pool, url, error)
         if response is not None:
             if not _cheap_to_drain(response) or _retry_after(response) > RETRY_AFTER_CAP:
                 reason = ResponseError(f"{response.status} not retried")
-                raise MaxRetryError(_pool, url, reason)  # type: ignore[arg-type]
+                raise MaxRetryError(_pool, url, reason)
             metrics.upstream_retried(str(response.status))
         elif error is not None:
             metrics.upstream_retried("connect")

@@ -174,7 +174,7 @@ def _guarded_connection(base: type[HTTPConnection], guard: Guard) -> type[HTTPCo
             if not infos:
                 raise NameResolutionError(host, self, socket.gaierror("no addresses"))
             for *_, sockaddr in infos:
-                guard.check(host, self.port, sockaddr[0])
+                guard.check(host, self.port, str(sockaddr[0]))
             sock: socket.socket | None = None
             error: OSError | None = None
             for family, socktype, proto, _, sockaddr in infos:
@@ -223,7 +223,7 @@ def check_target(guard: Guard, host: str, port: int) -> None:
     if not infos:
         raise requests.ConnectionError(f"{host} does not resolve")
     for *_, sockaddr in infos:
-        guard.check(host, port, sockaddr[0])
+        guard.check(host, port, str(sockaddr[0]))
 
 
 class GuardedAdapter(HTTPAdapter):
@@ -273,12 +273,12 @@ class GuardedAdapter(HTTPAdapter):
         fresh = proxy not in self.proxy_manager
         if self._ssl_context is not None:
             proxy_kwargs.setdefault("ssl_context", self._ssl_context)
-        manager = super().proxy_manager_for(proxy, **proxy_kwargs)  # type: ignore[arg-type]
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
         if fresh:
             manager.pool_classes_by_scheme = self._pool_classes()
         return manager
 
-    def send(self, request: PreparedRequest, *args: Any, **kwargs: Any) -> Response:  # type: ignore[override]
+    def send(self, request: PreparedRequest, *args: Any, **kwargs: Any) -> Response:
         """Each hop (redirects too) picks its proxy by NO_PROXY; a proxied target is checked."""
         url = request.url or ""
         proxy = self._egress.proxy_for(url)

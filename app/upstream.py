@@ -128,13 +128,13 @@ class Upstream:
         self.session.headers["Accept-Encoding"] = "identity"
         guard = Guard.from_lists(config.allowed_registries, config.insecure_registries)
         egress = Egress(config.http_proxy, config.https_proxy, config.no_proxy)
-        pools = {"pool_connections": 16, "pool_maxsize": 64}
         adapter = GuardedAdapter(
             guard,
             egress=egress,
             ssl_context=tls_context(config.upstream_ca_bundle),
             max_retries=retry_policy(),
-            **pools,
+            pool_connections=16,
+            pool_maxsize=64,
         )
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
@@ -146,7 +146,8 @@ class Upstream:
                 ssl_context=tls_context(None, verify=False),
                 verify=False,
                 max_retries=retry_policy(),
-                **pools,
+                pool_connections=16,
+                pool_maxsize=64,
             )
             self.session.mount(f"https://{api_host(registry)}/", unverified)
         self.timeout = (config.upstream_connect_timeout, config.upstream_read_timeout)
