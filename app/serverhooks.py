@@ -17,7 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from app.config import EPHEMERAL_SECRET, Config, ConfigError, _Reader
+from app.config import EPHEMERAL_SECRET, Config, ConfigError
+from app.envreader import Reader
 from app.logfmt import make_formatter
 
 METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
@@ -36,7 +37,7 @@ class Limits:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Limits:
         """HEADER_TIMEOUT, KEEPALIVE_TIMEOUT, SEND_TIMEOUT and WORKER_CONNECTIONS, validated."""
-        reader = _Reader(os.environ if environ is None else environ)
+        reader = Reader(os.environ if environ is None else environ)
         return cls(
             header_timeout=reader.seconds("HEADER_TIMEOUT", 30.0),
             keepalive_timeout=reader.seconds("KEEPALIVE_TIMEOUT", 15.0),
@@ -61,7 +62,7 @@ def load() -> Settings:
     load_dotenv(find_dotenv(usecwd=True))
     try:
         config = Config.from_env()
-        workers = _Reader(os.environ).integer("WEB_CONCURRENCY", 2, minimum=1)
+        workers = Reader(os.environ).integer("WEB_CONCURRENCY", 2, minimum=1)
         limits = Limits.from_env()
     except ConfigError as error:
         print(f"oci-pull-through: {error}", file=sys.stderr)
