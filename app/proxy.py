@@ -7,13 +7,10 @@ cache app/serve.py's. No Flask here: every method returns a Reply for the bluepr
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
-
-import gevent
 
 from app import freshness, metrics, policy, serve
+from app.clientwatch import ClientGoneCheck, watching
 from app.config import AUTHENTICATED, Config
-from app.errors import RegistryError
 from app.fetch import FILL_WAIT, Fetcher, source
 from app.flight import FlightGone, Flights, SpoolWriter, Uncoalescible
 from app.oci import BLOB, TAGS, Target, accepts
@@ -26,8 +23,7 @@ from app.revalidate import Revalidator
 from app.storage import ObjectMeta, Storage, keys
 from app.upstream import ClientHeaders, Upstream
 
-T = TypeVar("T")
-ClientGoneCheck = Callable[[], bool] | None
+SPOOL_FULL = "spool full"  # a miss streamed through uncached: SPOOL_MAX_BYTES reached
 
 
 class Proxy:
@@ -221,7 +217,7 @@ class Proxy:
                     response = self.fetcher.send("GET", target, client, follow_redirects=redirects)
                     return self.fetcher.forward(response, "GET", target)
             try:
-                head, spool_fd = _watching(gone, ticket.head)
+                head, spool_fd = watching(gone, ticket.head)
             except FlightGone:
                 ticket.release()
                 continue
@@ -360,36 +356,3 @@ class Proxy:
                 for k, v in reply.headers
             ]
         return reply
-
-    # -- helpers ------------------------------------------------------------------------------
-
-
-class ClientGone(RegistryError):
-    """The client hung up while waiting: its place in the flight is given up."""
-
-    status, code = 499, "CLIENT_GONE"
-
-
-CLIENT_POLL = 0.25
-SPOOL_FULL = "spool full"  # a miss streamed through uncached: SPOOL_MAX_BYTES reached
-
-
-def _watching(gone: ClientGoneCheck, wait: Callable[[], T]) -> T:
-    """Run wait() while watching the client: ClientGone as soon as it hangs up, so a fetch
-    that every client has left is abandoned (§15)."""
-    if gone is None:
-        return wait()
-    waiter = gevent.getcurrent()
-
-    def watch() -> None:
-        while True:
-            gevent.sleep(CLIENT_POLL)
-            if gone():
-                gevent.kill(waiter, ClientGone("the client went away"))
-                return
-
-    watcher = gevent.spawn(watch)
-    try:
-        return wait()
-    finally:
-        watcher.kill(block=False)
