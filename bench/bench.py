@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "e2e"))
+sys.path.insert(0, str(REPO))  # the repository root: app and tests.harness
 
-from harness import Registry, build_image  # noqa: E402
-from harness.ports import free_port  # noqa: E402
-from harness.proxyproc import ProxyServer  # noqa: E402
-from harness.seaweed import SeaweedFS  # noqa: E402
+from tests.harness import Registry, build_image  # noqa: E402
+from tests.harness.ports import free_port  # noqa: E402
+from tests.harness.proxyproc import ProxyServer  # noqa: E402
+from tests.harness.seaweed import SeaweedFS  # noqa: E402
 
 MiB = 1024 * 1024
 ACCEPT = (

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import requests
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "e2e"))
-from harness.fakeupstream import Behaviour, FakeUpstream  # noqa: E402
-from harness.proxyproc import ProxyServer  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # app and tests.harness
+from tests.harness.fakeupstream import Behaviour, FakeUpstream  # noqa: E402
+from tests.harness.proxyproc import ProxyServer  # noqa: E402
 
 MiB = 1024 * 1024
 MT = "application/vnd.oci.image.manifest.v1+json"

@@ -8,13 +8,22 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from harness import BuiltImage, Registry, TokenServer, build_image, ensure_alias
-from harness.fakeupstream import FakeUpstream
-from harness.proxyproc import ProxyServer
-from harness.seaweed import SeaweedFS
 
-USER, PASSWORD = "alice", "s3cret-pw"
-ALIAS, ALIAS_IP = "upstream.test", "127.0.0.2"
+from tests.harness import (
+    ALIAS,
+    ALIAS_IP,
+    PASSWORD,
+    USER,
+    BuiltImage,
+    Registry,
+    TokenServer,
+    build_image,
+    ensure_alias,
+)
+from tests.harness.fakeupstream import FakeUpstream
+from tests.harness.proxyproc import ProxyServer
+from tests.harness.seaweed import SeaweedFS
+
 REQUIRED = ("docker-registry", "skopeo", "htpasswd", "strace")
 
 
@@ -83,13 +92,6 @@ def token_upstream(
         for repo in ("public/app", "private/app"):
             image.push(f"docker://{registry.host}/{repo}:v1", creds=f"{USER}:{PASSWORD}")
         yield registry, tokens
-
-
-@pytest.fixture(scope="session")
-def seaweed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
-    """One SeaweedFS (S3) on loopback for the session's S3-backed proxies."""
-    with SeaweedFS(tmp_path_factory.mktemp("seaweedfs-session")) as server:
-        yield server
 
 
 _prefixes = itertools.count()

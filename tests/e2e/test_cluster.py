@@ -19,14 +19,14 @@ from urllib.parse import urlencode
 
 import pytest
 import requests
-from harness.fakeupstream import FakeUpstream
-from harness.ports import free_port
-from harness.proxyproc import ProxyServer
-from harness.scrape import metric
-from harness.seaweed import SeaweedFS
 
 from app.peers import AUTH_HEADER, CREDENTIAL_HEADER, PeerAuth, canonical_url, rendezvous
 from app.storage import keys
+from tests.harness.fakeupstream import FakeUpstream
+from tests.harness.ports import free_port
+from tests.harness.proxyproc import ProxyServer
+from tests.harness.scrape import metric
+from tests.harness.seaweed import SeaweedFS
 
 pytestmark = pytest.mark.e2e
 MiB = 1024 * 1024

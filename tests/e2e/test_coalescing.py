@@ -9,8 +9,9 @@ from collections.abc import Callable
 
 import pytest
 import requests
-from harness.fakeupstream import Behaviour, FakeUpstream
-from harness.proxyproc import ProxyServer
+
+from tests.harness.fakeupstream import Behaviour, FakeUpstream
+from tests.harness.proxyproc import ProxyServer
 
 pytestmark = pytest.mark.e2e
 MiB = 1024 * 1024

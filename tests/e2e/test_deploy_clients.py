@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ALIAS
-from harness import BuiltImage, Registry
-from harness.proxyproc import REPO_ROOT, ProxyServer
 from test_deploy_nginx import Nginx, ScratchCA
+
+from tests.harness import ALIAS, BuiltImage, Registry
+from tests.harness.proxyproc import REPO_ROOT, ProxyServer
 
 pytestmark = pytest.mark.e2e
 DOC = REPO_ROOT / "docs" / "clients.md"

@@ -21,9 +21,10 @@ from typing import Any
 import pytest
 import requests
 import yaml
-from harness import BuiltImage, Registry, free_port, skopeo_pull, verify_pulled
-from harness.proxyproc import BIN_DIR, REPO_ROOT, ProxyServer
-from harness.seaweed import GRPC_OFFSET, _free_port_pair, weed_exe
+
+from tests.harness import BuiltImage, Registry, free_port, skopeo_pull, verify_pulled
+from tests.harness.proxyproc import BIN_DIR, REPO_ROOT, ProxyServer
+from tests.harness.seaweed import GRPC_OFFSET, _free_port_pair, weed_exe
 
 pytestmark = pytest.mark.e2e
 COMPOSE = REPO_ROOT / "deploy" / "docker-compose.yml"

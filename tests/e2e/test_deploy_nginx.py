@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import IO
 
 import pytest
-from conftest import ALIAS
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from harness import BuiltImage, Registry, free_port, skopeo_pull, verify_pulled
-from harness.proxyproc import REPO_ROOT, ProxyServer
-from harness.seaweed import SeaweedFS
+
+from tests.harness import ALIAS, BuiltImage, Registry, free_port, skopeo_pull, verify_pulled
+from tests.harness.proxyproc import REPO_ROOT, ProxyServer
+from tests.harness.seaweed import SeaweedFS
 
 pytestmark = pytest.mark.e2e
 NGINX_DIR = REPO_ROOT / "deploy" / "nginx"

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import requests
-from harness.fakeupstream import Behaviour, FakeUpstream
-from harness.proxyproc import ProxyServer
+
+from tests.harness.fakeupstream import Behaviour, FakeUpstream
+from tests.harness.proxyproc import ProxyServer
 
 pytestmark = pytest.mark.e2e
 MiB = 1024 * 1024

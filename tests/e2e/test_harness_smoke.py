@@ -17,7 +17,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from harness import (
+
+from tests.harness import (
     BuiltImage,
     Registry,
     TokenServer,
@@ -30,8 +31,8 @@ from harness import (
     skopeo_pull,
     verify_pulled,
 )
-from harness.images import EVERY_MANIFEST_TYPE
-from harness.tokenserver import b64url_decode, decode_jwt_unverified
+from tests.harness.images import EVERY_MANIFEST_TYPE
+from tests.harness.tokenserver import b64url_decode, decode_jwt_unverified
 
 pytestmark = pytest.mark.e2e
 

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 import requests
-from harness.fakeupstream import Behaviour, FakeUpstream
-from harness.hostile import rss_kib
-from harness.proxyproc import ProxyServer
+
+from tests.harness.fakeupstream import Behaviour, FakeUpstream
+from tests.harness.hostile import rss_kib
+from tests.harness.proxyproc import ProxyServer
 
 pytestmark = pytest.mark.e2e
 MiB = 1024 * 1024

@@ -7,10 +7,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import requests
-from conftest import PASSWORD, USER
-from harness import BuiltImage, Registry, TokenServer
-from harness.images import EVERY_MANIFEST_TYPE
-from harness.proxyproc import ProxyServer
+
+from tests.harness import PASSWORD, USER, BuiltImage, Registry, TokenServer
+from tests.harness.images import EVERY_MANIFEST_TYPE
+from tests.harness.proxyproc import ProxyServer
 
 pytestmark = pytest.mark.e2e
 ACCEPT = {"Accept": ", ".join(EVERY_MANIFEST_TYPE)}

@@ -11,9 +11,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import requests
-from harness.fakeupstream import Behaviour, FakeUpstream
-from harness.proxyproc import REPO_ROOT, ProxyServer
-from harness.scrape import metric
+
+from tests.harness.fakeupstream import Behaviour, FakeUpstream
+from tests.harness.proxyproc import REPO_ROOT, ProxyServer
+from tests.harness.scrape import metric
 
 pytestmark = pytest.mark.e2e
 MiB = 1024 * 1024

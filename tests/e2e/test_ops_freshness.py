@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import requests
-from harness import Registry, build_image
-from harness.images import EVERY_MANIFEST_TYPE
-from harness.proxyproc import ProxyServer
-from harness.scrape import metric
+
+from tests.harness import Registry, build_image
+from tests.harness.images import EVERY_MANIFEST_TYPE
+from tests.harness.proxyproc import ProxyServer
+from tests.harness.scrape import metric
 
 pytestmark = pytest.mark.e2e
 TTL = 6.0

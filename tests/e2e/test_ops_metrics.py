@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import requests
-from harness import BuiltImage, Registry
-from harness.proxyproc import ProxyServer
-from harness.scrape import metric
+
+from tests.harness import BuiltImage, Registry
+from tests.harness.proxyproc import ProxyServer
+from tests.harness.scrape import metric
 
 pytestmark = pytest.mark.e2e
 HITS = 24

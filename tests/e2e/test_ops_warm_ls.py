@@ -12,8 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from harness import BuiltImage, Registry, skopeo_pull, verify_pulled
-from harness.proxyproc import REPO_ROOT, ProxyServer
+
+from tests.harness import BuiltImage, Registry, skopeo_pull, verify_pulled
+from tests.harness.proxyproc import REPO_ROOT, ProxyServer
 
 pytestmark = pytest.mark.e2e
 

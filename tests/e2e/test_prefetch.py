@@ -9,10 +9,11 @@ from collections.abc import Callable
 
 import pytest
 import requests
-from harness import BuiltImage, Registry
-from harness.fakeupstream import Behaviour, FakeUpstream
-from harness.images import MT_OCI_MANIFEST
-from harness.proxyproc import ProxyServer
+
+from tests.harness import BuiltImage, Registry
+from tests.harness.fakeupstream import Behaviour, FakeUpstream
+from tests.harness.images import MT_OCI_MANIFEST
+from tests.harness.proxyproc import ProxyServer
 
 pytestmark = pytest.mark.e2e
 

@@ -8,10 +8,19 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import ALIAS, PASSWORD, USER
-from harness import BuiltImage, Registry, TokenServer, skopeo_pull, verify_pulled
-from harness.images import EVERY_MANIFEST_TYPE
-from harness.proxyproc import ProxyServer
+
+from tests.harness import (
+    ALIAS,
+    PASSWORD,
+    USER,
+    BuiltImage,
+    Registry,
+    TokenServer,
+    skopeo_pull,
+    verify_pulled,
+)
+from tests.harness.images import EVERY_MANIFEST_TYPE
+from tests.harness.proxyproc import ProxyServer
 
 pytestmark = pytest.mark.e2e
 ACCEPT = list(EVERY_MANIFEST_TYPE)

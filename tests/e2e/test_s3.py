@@ -15,12 +15,12 @@ from typing import Any
 
 import pytest
 import requests
-from harness import BuiltImage, Registry, skopeo_pull, verify_pulled
-from harness.fakeupstream import Behaviour, FakeUpstream
-from harness.proxyproc import ProxyServer
-from harness.seaweed import SeaweedFS
 
 from app.storage.s3bucket import rule_id, set_up_bucket
+from tests.harness import BuiltImage, Registry, skopeo_pull, verify_pulled
+from tests.harness.fakeupstream import Behaviour, FakeUpstream
+from tests.harness.proxyproc import ProxyServer
+from tests.harness.seaweed import SeaweedFS
 
 pytestmark = pytest.mark.e2e
 MiB = 1024 * 1024

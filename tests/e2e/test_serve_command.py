@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 import requests
-from harness import BuiltImage, Registry, skopeo_pull, verify_pulled
-from harness.proxyproc import REPO_ROOT, ProxyServer
+
+from tests.harness import BuiltImage, Registry, skopeo_pull, verify_pulled
+from tests.harness.proxyproc import REPO_ROOT, ProxyServer
 
 pytestmark = pytest.mark.e2e
 SHIPPED = ("app/gunicorn_conf.py", "app/serverhooks.py", "app/wsgi.py", "app/commands/serve.py")

@@ -19,9 +19,10 @@ import pytest
 import requests
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from harness import BuiltImage, Registry
-from harness.fakeupstream import Behaviour, FakeUpstream
-from harness.proxyproc import BIN_DIR, REPO_ROOT, ProxyServer
+
+from tests.harness import BuiltImage, Registry
+from tests.harness.fakeupstream import Behaviour, FakeUpstream
+from tests.harness.proxyproc import BIN_DIR, REPO_ROOT, ProxyServer
 
 pytestmark = pytest.mark.e2e
 MiB = 1024 * 1024

@@ -10,9 +10,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
-from harness import BuiltImage, Registry, skopeo_pull, verify_pulled
-from harness.images import run_skopeo
-from harness.proxyproc import REPO_ROOT, ProxyServer
+
+from tests.harness import BuiltImage, Registry, skopeo_pull, verify_pulled
+from tests.harness.images import run_skopeo
+from tests.harness.proxyproc import REPO_ROOT, ProxyServer
 
 pytestmark = pytest.mark.e2e
 

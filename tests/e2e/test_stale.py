@@ -9,10 +9,11 @@ from collections.abc import Callable
 
 import pytest
 import requests
-from harness.fakeupstream import Behaviour, FakeUpstream
-from harness.images import EVERY_MANIFEST_TYPE
-from harness.proxyproc import ProxyServer
-from harness.scrape import metric
+
+from tests.harness.fakeupstream import Behaviour, FakeUpstream
+from tests.harness.images import EVERY_MANIFEST_TYPE
+from tests.harness.proxyproc import ProxyServer
+from tests.harness.scrape import metric
 
 pytestmark = pytest.mark.e2e
 ACCEPT = {"Accept": ", ".join(EVERY_MANIFEST_TYPE)}

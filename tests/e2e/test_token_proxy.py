@@ -14,11 +14,20 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import PASSWORD, USER
-from harness import BuiltImage, Registry, TokenServer, ensure_alias, skopeo_pull, verify_pulled
-from harness.containerd import Containerd, write_mirror
-from harness.oras_client import OrasPullError, oras_pull
-from harness.proxyproc import ProxyServer
+
+from tests.harness import (
+    PASSWORD,
+    USER,
+    BuiltImage,
+    Registry,
+    TokenServer,
+    ensure_alias,
+    skopeo_pull,
+    verify_pulled,
+)
+from tests.harness.containerd import Containerd, write_mirror
+from tests.harness.oras_client import OrasPullError, oras_pull
+from tests.harness.proxyproc import ProxyServer
 
 pytestmark = pytest.mark.e2e
 ANON, BASIC, TOKEN = "upstream.test", "upstream2.test", "upstream3.test"

@@ -16,11 +16,11 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import requests
-from conftest import PASSWORD, USER
-from harness import BuiltImage, Registry, TokenServer, build_image
-from harness.fakeupstream import Behaviour, FakeUpstream
-from harness.hostile import MIB, Answer, HostileUpstream, rss_kib
-from harness.proxyproc import ProxyServer
+
+from tests.harness import PASSWORD, USER, BuiltImage, Registry, TokenServer, build_image
+from tests.harness.fakeupstream import Behaviour, FakeUpstream
+from tests.harness.hostile import MIB, Answer, HostileUpstream, rss_kib
+from tests.harness.proxyproc import ProxyServer
 
 pytestmark = pytest.mark.e2e
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import PASSWORD, USER
-from harness import BuiltImage, Registry, TokenServer
-from harness.fakeupstream import Behaviour, FakeUpstream, filler
-from harness.images import MT_OCI_INDEX, MT_OCI_MANIFEST
-from harness.proxyproc import ProxyServer
+
+from tests.harness import PASSWORD, USER, BuiltImage, Registry, TokenServer
+from tests.harness.fakeupstream import Behaviour, FakeUpstream, filler
+from tests.harness.images import MT_OCI_INDEX, MT_OCI_MANIFEST
+from tests.harness.proxyproc import ProxyServer
 
 pytestmark = pytest.mark.e2e
 BASIC_ALICE = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()

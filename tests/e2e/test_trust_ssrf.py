@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 import requests
-from harness import BuiltImage, Registry, ensure_alias
-from harness.fakeupstream import FakeUpstream
-from harness.proxyproc import ProxyServer
+
+from tests.harness import BuiltImage, Registry, ensure_alias
+from tests.harness.fakeupstream import FakeUpstream
+from tests.harness.proxyproc import ProxyServer
 
 pytestmark = pytest.mark.e2e
 OCI_INDEX = {"Accept": "application/vnd.oci.image.index.v1+json"}

@@ -21,16 +21,16 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import PASSWORD, USER
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from harness import BuiltImage, Registry, TokenServer
-from harness.fakeupstream import Behaviour, FakeUpstream, in_turn
-from harness.images import MT_OCI_INDEX, MT_OCI_MANIFEST
-from harness.ports import free_port
-from harness.proxyproc import ProxyServer
+
+from tests.harness import PASSWORD, USER, BuiltImage, Registry, TokenServer
+from tests.harness.fakeupstream import Behaviour, FakeUpstream, in_turn
+from tests.harness.images import MT_OCI_INDEX, MT_OCI_MANIFEST
+from tests.harness.ports import free_port
+from tests.harness.proxyproc import ProxyServer
 
 pytestmark = pytest.mark.e2e
 ACCEPT = {"Accept": f"{MT_OCI_INDEX}, {MT_OCI_MANIFEST}"}

@@ -22,7 +22,7 @@ from app.evictor import Evictor
 from app.storage import NotFound, ObjectMeta, Storage, StoreError, keys, put
 from app.storage.fs import FilesystemStorage
 from app.storage.s3 import S3Storage
-from tests.e2e.harness.seaweed import SeaweedFS
+from tests.harness.seaweed import SeaweedFS
 
 DIGEST = "sha256:" + "ab" * 32
 OTHER = "sha256:" + "cd" * 32

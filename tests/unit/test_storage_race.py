@@ -23,8 +23,8 @@ import pytest
 from app.storage import NotFound, ObjectMeta, Storage, StoreError, keys, put
 from app.storage.fs import FilesystemStorage
 from app.storage.s3 import S3Storage
-from tests.e2e.harness import seaweed
-from tests.e2e.harness.seaweed import SeaweedFS
+from tests.harness import seaweed
+from tests.harness.seaweed import SeaweedFS
 
 KEY = keys.manifest("registry.test", "org/app", "latest")
 BUCKET = "race"

@@ -16,11 +16,16 @@ from .images import (
     skopeo_pull,
     verify_pulled,
 )
+from .names import ALIAS, ALIAS_IP, PASSWORD, USER
 from .ports import free_port
 from .registry import AccessLogEntry, Registry, RegistryError, make_htpasswd, parse_access_log
 from .tokenserver import TokenRequest, TokenServer
 
 __all__ = [
+    "ALIAS",
+    "ALIAS_IP",
+    "PASSWORD",
+    "USER",
     "AccessLogEntry",
     "Blob",
     "BuiltImage",

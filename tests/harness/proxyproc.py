@@ -18,7 +18,7 @@ from urllib3.exceptions import InsecureRequestWarning
 
 from .ports import free_port
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 BIN_DIR = Path(sys.executable).parent
 
 
