@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Callable
+
 from flask import current_app, request
 
 from app.auth import realm
@@ -55,3 +58,21 @@ def with_proxy_challenge(reply: Reply, target: Target, ns: str | None) -> Reply:
     if reply.status != 401:
         return reply
     return realm.with_proxy_challenge(reply, target, token_realm(ns))
+
+
+def client_gone_check() -> Callable[[], bool] | None:
+    """Under gunicorn: whether the client (or asking replica) has hung up: a peek, never a read."""
+    sock = request.environ.get("gunicorn.socket")
+    raw = getattr(sock, "_sock", sock)  # gevent's wrapper would wait instead of answering
+    if raw is None:
+        return None
+
+    def gone() -> bool:
+        try:
+            return raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+
+    return gone

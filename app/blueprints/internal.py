@@ -10,12 +10,12 @@ forwarded to a third replica, whatever this replica thinks of ownership.
 
 from __future__ import annotations
 
-import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from flask import Blueprint, Response, current_app, request
 
 from app import metrics
+from app.blueprints.common import client_gone_check
 from app.errors import DigestInvalid, NameInvalid, RegistryError
 from app.oci import BLOB, MANIFEST, Target, is_digest, is_valid_name, normalize_registry
 from app.peers import AUTH_HEADER, CREDENTIAL_HEADER, SERVED_HEADER, PeerAuth, PeerSet
@@ -37,24 +37,6 @@ def _refused() -> Response:
     metrics.PEER_REQUESTS.labels("refused").inc()
     body = PeerRefused("peer request refused").body()
     return Response(body, status=401, content_type="application/json")
-
-
-def _gone_check() -> Callable[[], bool] | None:
-    """Under gunicorn: whether the asking replica hung up (a peek, never a read)."""
-    sock = request.environ.get("gunicorn.socket")
-    raw = getattr(sock, "_sock", sock)
-    if raw is None:
-        return None
-
-    def gone() -> bool:
-        try:
-            return raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError:
-            return True
-
-    return gone
 
 
 @bp.route("/_oci/peer/v1/<kind>/<digest>", methods=["GET"])
@@ -88,7 +70,7 @@ def peer_object(kind: str, digest: str) -> Response:
     )
     proxy: Proxy = current_app.extensions["oci_proxy"]
     serve = proxy.blob if kind == BLOB else proxy.manifest
-    reply = serve(target, "GET", client, _gone_check(), local_only=True)
+    reply = serve(target, "GET", client, client_gone_check(), local_only=True)
     metrics.PEER_REQUESTS.labels("served").inc()
     return _response(reply)
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import socket
-from collections.abc import Callable
-
 from flask import Blueprint, Response, current_app, request
 
 from app.auth.realm import proxy_challenge
 from app.blueprints.common import (
     API_VERSION,
+    client_gone_check,
     config,
     log_record,
     token_proxy,
@@ -44,24 +42,6 @@ def client_headers() -> ClientHeaders:
         if_range=h.get("If-Range"),
         user_agent=h.get("User-Agent"),
     )
-
-
-def client_gone_check() -> Callable[[], bool] | None:
-    """Under gunicorn: whether this client has hung up (a peek at its socket, never a read)."""
-    sock = request.environ.get("gunicorn.socket")
-    raw = getattr(sock, "_sock", sock)  # gevent's wrapper would wait instead of answering
-    if raw is None:
-        return None
-
-    def gone() -> bool:
-        try:
-            return raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError:
-            return True
-
-    return gone
 
 
 @bp.route("/v2/", methods=_ALL_METHODS)
