@@ -101,6 +101,11 @@ class SeaweedFS:
             f"-volume.port={p['volume']}",
             f"-filer.port={p['filer']}",
             f"-dir={self.data_dir}",
+            # Each bucket (collection) takes 7 volumes at once and the default allows 8, so a
+            # session with several buckets ran out ("no free volumes left"); volumes are not
+            # preallocated, so more of them cost nothing.
+            "-volume.max=256",
+            "-master.volumeSizeLimitMB=256",
         ]
 
     def env(self) -> dict[str, str]:
