@@ -7,6 +7,7 @@ filesystem writers that died mid-write; files a live process holds (flocked) sta
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import TYPE_CHECKING
@@ -26,6 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--max-bytes", type=parse_bytes, help="the bound (default FS_MAX_BYTES), e.g. 50Gi"
     )
     parser.add_argument("--dry-run", action="store_true", help="list what would go, remove nothing")
+    parser.add_argument("--json", action="store_true", help="one JSON document instead of lines")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,8 +40,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"oci-pull-through: {error}", file=sys.stderr)
         return 1
-    if not args.dry_run:
-        print(f"removed {sweep_leftovers(config)} files left by dead processes")
+    leftovers = 0 if args.dry_run else sweep_leftovers(config)
+    if not args.dry_run and not args.json:
+        print(f"removed {leftovers} files left by dead processes")
     if config.storage_backend != "fs":
         print(
             "oci-pull-through gc: only the filesystem backend is bounded here; "
@@ -56,6 +59,18 @@ def run(args: argparse.Namespace) -> int:
     state = spool_dir(config)
     with sweep_lock(state, wait=True):
         result = sweep(config.fs_root, max_bytes, dry_run=args.dry_run, skip=state)
+    if args.json:
+        doc = {
+            "dry_run": bool(args.dry_run),
+            "leftovers_removed": leftovers,
+            "evicted": [{"key": e.key, "size": e.size} for e in result.evicted],
+            "total": result.total,
+            "remaining": result.remaining,
+            "bound": max_bytes,
+            "busy": result.busy,
+        }
+        print(json.dumps(doc, indent=2))
+        return 0
     verb = "would evict" if args.dry_run else "evicted"
     for entry in result.evicted:
         print(f"{verb} {entry.key} {entry.size}")
