@@ -429,3 +429,30 @@ def test_helm_test_pod_pulls_through_the_release() -> None:
     assert "helm test -n registry cache" in notes
     objects, _ = render({**MINIMAL, "test": {"enabled": False}})
     assert by_kind(objects, "Pod") == []
+
+
+def test_upstream_auth_mounts_the_dockerconfigjson_secret() -> None:
+    """upstreamAuth.existingSecret: a directory mount (Secret updates reach the file)."""
+    values = copy.deepcopy(MINIMAL)
+    values["upstreamAuth"] = {"existingSecret": "hub-pull"}
+    objects, _ = render(values)
+    validate_all(objects)
+    env = env_of(objects)
+    assert env["UPSTREAM_AUTH_FILE"]["value"] == (
+        "/etc/oci-pull-through/upstream-auth/.dockerconfigjson"
+    )
+    volumes = {v["name"]: v for v in pod_spec(objects)["volumes"]}
+    assert volumes["upstream-auth"]["secret"] == {
+        "secretName": "hub-pull",
+        "items": [{"key": ".dockerconfigjson", "path": ".dockerconfigjson"}],
+    }
+    mounts = {m["name"]: m for m in container(objects)["volumeMounts"]}
+    assert mounts["upstream-auth"] == {
+        "name": "upstream-auth",
+        "mountPath": "/etc/oci-pull-through/upstream-auth",
+        "readOnly": True,
+    }
+    assert "subPath" not in mounts["upstream-auth"]
+    plain = render(MINIMAL)[0]
+    assert "UPSTREAM_AUTH_FILE" not in env_of(plain)
+    assert "upstream-auth" not in {v["name"] for v in pod_spec(plain)["volumes"]}
