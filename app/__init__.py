@@ -66,7 +66,8 @@ def create_app(config: Config | None = None) -> Flask:
     from app.flight import Flights
     from app.peers import make_cluster
     from app.proxy import Proxy
-    from app.storage import make_storage, sweep_in_background
+    from app.storage import sweep_in_background
+    from app.storage.factory import make_storage
     from app.upstream import Upstream
 
     config = config or Config.from_env()

@@ -10,22 +10,9 @@ import urllib.request
 from dotenv import find_dotenv, load_dotenv
 
 
-def healthcheck_url(listen_addr: str, tls: bool) -> str:
-    """The /healthz URL of the server bound to LISTEN_ADDR, reached over loopback."""
-    host, _, port = listen_addr.rpartition(":")
-    host = host.strip("[]")
-    if host in ("", "0.0.0.0"):
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{'https' if tls else 'http'}://{host}:{port}/healthz"
-
-
 def healthcheck(timeout: float = 5.0) -> int:
     """Exit status for container HEALTHCHECKs: 0 when /healthz answers 200."""
-    from app.config import Config, ConfigError
+    from app.config import Config, ConfigError, healthcheck_url
 
     try:
         config = Config.from_env()

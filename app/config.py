@@ -196,3 +196,16 @@ def _has_ipv6() -> bool:
     except OSError:
         return False
     return True
+
+
+def healthcheck_url(listen_addr: str, tls: bool) -> str:
+    """The /healthz URL of the server bound to LISTEN_ADDR, reached over loopback."""
+    host, _, port = listen_addr.rpartition(":")
+    host = host.strip("[]")
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{'https' if tls else 'http'}://{host}:{port}/healthz"

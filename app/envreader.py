@@ -6,6 +6,7 @@ app/config.py hands it the environment (it alone reads os.environ); the gunicorn
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
 from collections.abc import Mapping
@@ -172,8 +173,6 @@ class Reader:
 
     def cluster(self) -> tuple[tuple[str, ...], str | None, str | None]:
         """PEERS, PEERS_DNS and PEER_URL, checked together."""
-        from app.peers import canonical_url
-
         peers_value = self.raw("PEERS") or ""
         try:
             peers = tuple(canonical_url(p) for p in peers_value.split(",") if p.strip())
@@ -291,3 +290,18 @@ class Reader:
         if not 0 <= number <= 100:
             raise ConfigError(name, value, "expected a percentage from 0 to 100, such as 10%")
         return number
+
+
+def canonical_url(url: str) -> str:
+    """A peer URL (PEERS, PEER_URL) as one spelling: scheme://host:port, host lower-cased."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {url!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ValueError(f"a peer URL is scheme://host[:port] only: {url!r}")
+    host = parts.hostname.lower()
+    with contextlib.suppress(ValueError):
+        host = str(ipaddress.ip_address(host))
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    shown = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{shown}:{port}"

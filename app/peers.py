@@ -15,10 +15,8 @@ nonces are files in the instance's spool directory, so every worker sees them.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
-import ipaddress
 import logging
 import os
 import re
@@ -32,6 +30,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from app.config import Config, spool_dir
+from app.envreader import canonical_url
 from app.oci import split_hostport
 
 log = logging.getLogger("oci_pull_through.peers")
@@ -45,21 +44,6 @@ CREDENTIAL_HEADER = "X-Oci-Peer-Credential"
 SERVED_HEADER = "X-Oci-Peer-Served"
 _INFO = b"oci-pull-through peer request v1"
 _AUTH_RE = re.compile(r"v1 t=([0-9]{1,12}) n=([0-9a-f]{32}) s=([0-9a-f]{64})")
-
-
-def canonical_url(url: str) -> str:
-    """scheme://host:port with the host lower-cased (IPv6 bracketed) and the port explicit."""
-    parts = urlsplit(url.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"not an http(s) URL: {url!r}")
-    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
-        raise ValueError(f"a peer URL is scheme://host[:port] only: {url!r}")
-    host = parts.hostname.lower()
-    with contextlib.suppress(ValueError):
-        host = str(ipaddress.ip_address(host))
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    shown = f"[{host}]" if ":" in host else host
-    return f"{parts.scheme}://{shown}:{port}"
 
 
 def _score(peer: str, key: str) -> int:

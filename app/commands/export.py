@@ -20,7 +20,8 @@ def run(args: argparse.Namespace) -> int:
     """Read the configured store (either backend) and write the slice, or name what is missing."""
     from app.config import Config, ConfigError
     from app.slices import SliceError, plan_export, write_archive
-    from app.storage import StoreError, make_storage
+    from app.storage import StoreError
+    from app.storage.factory import make_storage
     from app.units import format_bytes
 
     try:

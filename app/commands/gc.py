@@ -86,7 +86,7 @@ def sweep_leftovers(config: Config) -> int:
     """Spool files of dead fetchers (any backend), temp files of dead fs writers: how many."""
     from app.config import spool_dir
     from app.flight import sweep_leftovers as sweep_spool
-    from app.storage import make_storage
+    from app.storage.factory import make_storage
 
     removed = sweep_spool(spool_dir(config))
     # S3 is left alone here: building it sets up the bucket, and the proxy sweeps it at start.

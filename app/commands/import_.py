@@ -22,7 +22,8 @@ def run(args: argparse.Namespace) -> int:
     from app.config import Config, ConfigError
     from app.sliceimport import import_archive
     from app.slices import SliceError
-    from app.storage import StoreError, make_storage
+    from app.storage import StoreError
+    from app.storage.factory import make_storage
 
     try:
         done = import_archive(make_storage(Config.from_env()), args.archive, args.repository)

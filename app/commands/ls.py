@@ -20,7 +20,8 @@ def run(args: argparse.Namespace) -> int:
     """Read the configured store (either backend) and print what it holds."""
     from app.config import Config, ConfigError
     from app.inventory import Inventory
-    from app.storage import StoreError, make_storage
+    from app.storage import StoreError
+    from app.storage.factory import make_storage
 
     try:
         config = Config.from_env()

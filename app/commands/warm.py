@@ -232,8 +232,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _default_proxy() -> str:
     """The proxy on this host, as LISTEN_ADDR says (http://127.0.0.1:8080 by default)."""
-    from app.cli import healthcheck_url
-    from app.config import Config, ConfigError
+    from app.config import Config, ConfigError, healthcheck_url
 
     try:
         config = Config.from_env()

@@ -8,10 +8,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, BinaryIO, Protocol
-
-if TYPE_CHECKING:
-    from app.config import Config
+from typing import BinaryIO, Protocol
 
 log = logging.getLogger("oci_pull_through.storage")
 
@@ -181,18 +178,3 @@ def sweep_in_background(storage: Storage, max_age: float = 0.0) -> threading.Thr
     thread = threading.Thread(target=run, name="oci-sweep", daemon=True)
     thread.start()
     return thread
-
-
-def make_storage(config: Config) -> Storage:
-    """Build the backend STORAGE_BACKEND names."""
-    from app.config import ConfigError, spool_dir
-
-    if config.storage_backend == "fs":
-        from app.storage.fs import FilesystemStorage
-
-        return FilesystemStorage(config.fs_root, skip=spool_dir(config))
-    if config.storage_backend == "s3":
-        from app.storage.s3 import S3Storage
-
-        return S3Storage.from_config(config)
-    raise ConfigError("STORAGE_BACKEND", config.storage_backend, "allowed values are s3, fs")

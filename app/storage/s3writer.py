@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -13,8 +13,17 @@ from app.storage import NotFound, ObjectMeta, StoreError, keys
 from app.storage.keys import sidecar
 from app.storage.s3bucket import translated
 
-if TYPE_CHECKING:
-    from app.storage.s3 import S3Storage
+
+class Bucket(Protocol):
+    """What a writer needs of its S3Storage (a protocol, so s3.py and this module form no
+    import cycle)."""
+
+    client: Any
+    bucket: str
+    part_size: int
+
+    def object_key(self, key: str) -> str: ...
+
 
 log = logging.getLogger("oci_pull_through.storage.s3")
 
@@ -27,7 +36,7 @@ class S3Writer:
     digest's name at commit, since the digest is only known then.
     """
 
-    def __init__(self, storage: S3Storage, key: str) -> None:
+    def __init__(self, storage: Bucket, key: str) -> None:
         self.storage = storage
         self.key = key
         if keys.content_digest(key) is not None:

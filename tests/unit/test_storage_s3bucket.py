@@ -9,7 +9,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from app.config import Config, ConfigError
-from app.storage import make_storage
+from app.storage.factory import make_storage
 from app.storage.s3 import S3Storage
 from app.storage.s3bucket import merge_rules, rule_id, set_up_bucket
 from tests.unit.test_storage_s3 import BUCKET, KEY, PREFIX, client, client_error, meta
