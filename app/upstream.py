@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
 import requests
 from urllib3.exceptions import HTTPError
 
 from app import metrics, ratelimit, wwwauth
+from app.auth.tokencache import TokenCache
 from app.bodies import (  # noqa: F401 - re-exported: app/fetch.py and app/peerfetch.py use them
     CHUNK_SIZE,
     MAX_ERROR_BODY,
@@ -33,7 +33,6 @@ from app.oci import api_host
 from app.upstreamauth import AuthFile, UpstreamCredentials
 
 log = logging.getLogger("oci_pull_through.upstream")
-MAX_CACHED_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -45,55 +44,6 @@ class ClientHeaders:
     range: str | None = None
     if_range: str | None = None
     user_agent: str | None = None
-
-
-@dataclass
-class _Token:
-    value: str
-    expires_at: float
-
-
-@dataclass
-class TokenCache:
-    """Anonymous Bearer tokens per (registry, scope), dropped shortly before they expire.
-
-    Bounded (§15): at most max_entries tokens; expired ones go first, then the oldest.
-    """
-
-    margin: float = 10.0
-    max_entries: int = MAX_CACHED_TOKENS
-    _tokens: dict[tuple[str, str], _Token] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def get(self, registry: str, scope: str) -> str | None:
-        """A still-valid token, or None."""
-        with self._lock:
-            token = self._tokens.get((registry, scope))
-            if token is None or token.expires_at <= time.monotonic():
-                self._tokens.pop((registry, scope), None)
-                return None
-            return token.value
-
-    def put(self, registry: str, scope: str, value: str, expires_in: float) -> None:
-        """Remember a token for its lifetime less the safety margin."""
-        lifetime = max(0.0, expires_in - min(self.margin, expires_in / 2))
-        now = time.monotonic()
-        with self._lock:
-            self._tokens.pop((registry, scope), None)
-            if len(self._tokens) >= self.max_entries:
-                for key in [k for k, t in self._tokens.items() if t.expires_at <= now]:
-                    del self._tokens[key]
-            while len(self._tokens) >= self.max_entries:
-                del self._tokens[next(iter(self._tokens))]  # the oldest
-            self._tokens[(registry, scope)] = _Token(value, now + lifetime)
-
-    def __len__(self) -> int:
-        return len(self._tokens)
-
-    def drop(self, registry: str, scope: str) -> None:
-        """Forget a token upstream rejected."""
-        with self._lock:
-            self._tokens.pop((registry, scope), None)
 
 
 def parse_bearer_challenge(header: str | Sequence[str] | None) -> dict[str, str] | None:
