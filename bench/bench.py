@@ -31,8 +31,12 @@ from tests.harness.proxyproc import ProxyServer  # noqa: E402
 from tests.harness.seaweed import SeaweedFS  # noqa: E402
 
 MiB = 1024 * 1024
+# Every index and image manifest type, as skopeo, containerd and Docker send: only such a
+# request's answer becomes a tag's cache entry (SPEC §15), so the tag rows measure hits.
 ACCEPT = (
+    "application/vnd.oci.image.index.v1+json,"
     "application/vnd.oci.image.manifest.v1+json,"
+    "application/vnd.docker.distribution.manifest.list.v2+json,"
     "application/vnd.docker.distribution.manifest.v2+json"
 )
 
