@@ -36,6 +36,7 @@ from tests.harness.proxyproc import ProxyServer  # noqa: E402
 MiB = 1024 * 1024
 MT = "application/vnd.oci.image.manifest.v1+json"
 REPO = "soak/app"
+COLD_KEPT = 64
 
 
 class Upstream:
@@ -53,6 +54,7 @@ class Upstream:
                 body=manifest, headers=headers
             )
         self.cold = 0
+        self._cold_routes: collections.deque[str] = collections.deque()
         self.fake.responder = self._respond
 
     def _blob(self, data: bytes) -> str:
@@ -61,11 +63,24 @@ class Upstream:
         return digest
 
     def new_cold(self) -> str:
-        """A digest upstream will serve (1 MiB, generated from the digest's seed)."""
+        """A digest upstream will serve (1 MiB, generated from the digest's seed).
+
+        Only the last COLD_KEPT stay routed: the driver itself must not grow for the whole
+        run (a first 30-minute run grew this process to 23 GiB and starved the machine).
+        """
         self.cold += 1
         seed = f"cold-{self.cold}-{time.time()}".encode()
         data = hashlib.sha256(seed).digest() * (MiB // 32)
-        return self._blob(data)
+        digest = self._blob(data)
+        self._cold_routes.append(f"/v2/{REPO}/blobs/{digest}")
+        while len(self._cold_routes) > COLD_KEPT:
+            self.fake.routes.pop(self._cold_routes.popleft(), None)
+        return digest
+
+    def forget_requests(self) -> None:
+        """Drop the fake upstream's request records (kept for tests, unbounded here)."""
+        del self.fake.requests[:]
+        del self.fake.received[:]
 
     def _respond(self, method: str, path: str, headers: dict[str, str]) -> Behaviour | None:
         if "/err500/" in path:
@@ -73,6 +88,15 @@ class Upstream:
         if "/truncated/" in path:
             return Behaviour(body=b"x" * MiB, truncate_at=100_000)
         return None
+
+
+def driver_rss_mib() -> int:
+    """This load driver's own RSS: it must stay flat too, or the figures above mean little."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) // 1024
+    return -1
 
 
 class Stats:
@@ -237,11 +261,13 @@ def main() -> int:
             minute += 1
             time.sleep(max(0.0, start + minute * 60 - time.monotonic()))
             latencies, counts = stats.take()
+            up.forget_requests()
             fails = sum(n for k, n in counts.items() if k.endswith("FAIL"))
             print(
                 f"min {minute:3d} | {proc_figures(proxy)} | {gauges(proxy)} | "
                 f"{sum(counts.values())} req, {fails} errors | "
-                f"p50 {pct(latencies, 0.5):.1f} ms p99 {pct(latencies, 0.99):.1f} ms",
+                f"p50 {pct(latencies, 0.5):.1f} ms p99 {pct(latencies, 0.99):.1f} ms | "
+                f"driver {driver_rss_mib()}M",
                 flush=True,
             )
             if fails:
