@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import shutil
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -131,3 +132,14 @@ def make_proxy(tmp_path: Path) -> Iterator[Callable[..., ProxyServer]]:
     yield make
     for proxy in started:
         proxy.stop()
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    """A loopback socket that records whether anyone connected to it (tests.harness.ports)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    sock.setblocking(False)
+    yield sock
+    sock.close()

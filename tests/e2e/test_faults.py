@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from tests.harness.fakeupstream import Behaviour, FakeUpstream
+from tests.harness.ports import connected
 from tests.harness.proxyproc import ProxyServer
 
 pytestmark = pytest.mark.e2e
@@ -223,26 +224,6 @@ def test_bad_input_gets_oci_errors_and_touches_nothing(
     assert not proxy.fs_root.exists() or not any(proxy.fs_root.rglob("*"))
 
 
-@pytest.fixture
-def listener() -> Iterator[socket.socket]:
-    """A loopback socket that records whether anyone connected to it."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(8)
-    sock.setblocking(False)
-    yield sock
-    sock.close()
-
-
-def _connected(listener: socket.socket) -> bool:
-    try:
-        conn, _ = listener.accept()
-    except BlockingIOError:
-        return False
-    conn.close()
-    return True
-
-
 @pytest.mark.parametrize(
     "name",
     ["127.0.0.1:{port}", "localhost:{port}", "[::1]:{port}", "169.254.169.254", "10.1.2.3:{port}"],
@@ -255,7 +236,7 @@ def test_ssrf_internal_upstream_refused_without_connecting(
     r = requests.get(f"{proxy.url}/v2/{registry}/x/manifests/v1", timeout=10)
     assert r.status_code == 403, r.text
     assert r.json()["errors"][0]["code"] == "DENIED"
-    assert not _connected(listener)
+    assert not connected(listener)
 
 
 def test_ssrf_redirect_to_internal_address_refused(
@@ -269,7 +250,7 @@ def test_ssrf_redirect_to_internal_address_refused(
     proxy = _proxy(make_proxy, fake)
     r = requests.get(f"{proxy.url}/v2/fault/repo/blobs/{digest}", timeout=10)
     assert r.status_code == 403 and r.json()["errors"][0]["code"] == "DENIED"
-    assert not _connected(listener)
+    assert not connected(listener)
 
 
 def test_ssrf_token_realm_on_internal_address_refused(
@@ -284,7 +265,7 @@ def test_ssrf_token_realm_on_internal_address_refused(
     proxy = _proxy(make_proxy, fake)
     r = requests.get(f"{proxy.url}/v2/fault/repo/manifests/v1", timeout=10)
     assert r.status_code == 403 and r.json()["errors"][0]["code"] == "DENIED"
-    assert not _connected(listener)
+    assert not connected(listener)
 
 
 def test_allowed_registries_limits_named_upstreams(

@@ -12,7 +12,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,6 +20,7 @@ import requests
 
 from tests.harness import BuiltImage, Registry, ensure_alias
 from tests.harness.fakeupstream import FakeUpstream
+from tests.harness.ports import connected
 from tests.harness.proxyproc import ProxyServer
 
 pytestmark = pytest.mark.e2e
@@ -44,26 +45,6 @@ def _raw_get(
 
 def _error(body: bytes) -> dict[str, str]:
     return json.loads(body)["errors"][0]
-
-
-@pytest.fixture
-def listener() -> Iterator[socket.socket]:
-    """A loopback socket that records whether anyone connected to it."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(8)
-    sock.setblocking(False)
-    yield sock
-    sock.close()
-
-
-def _connected(listener: socket.socket) -> bool:
-    try:
-        conn, _ = listener.accept()
-    except BlockingIOError:
-        return False
-    conn.close()
-    return True
 
 
 # -- (a) a name that does not resolve: 502, and it is looked up once -------------------------------
@@ -148,7 +129,7 @@ def test_port_less_exemption_does_not_open_other_ports(
     status, body = _raw_get(proxy, f"/v2/127.0.0.1:{port}/team/app/manifests/v1")
     assert status == 403, body
     assert _error(body)["code"] == "DENIED"
-    assert not _connected(listener), "no TCP connection to the unlisted port"
+    assert not connected(listener), "no TCP connection to the unlisted port"
     # The host:port exemption still reaches the real registry on its port.
     r = requests.get(
         f"{proxy.url}/v2/{upstream.host}/e2e/app/manifests/v1", headers=OCI_INDEX, timeout=20
@@ -183,7 +164,7 @@ def test_ipv6_zone_id_is_name_invalid_without_io(
     assert status == 400, body
     assert _error(body)["code"] == "NAME_INVALID"
     assert fake.requests == []
-    assert not _connected(listener)
+    assert not connected(listener)
     assert not proxy.fs_root.exists() or not any(proxy.fs_root.rglob("*"))
 
 

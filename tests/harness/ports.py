@@ -21,3 +21,13 @@ def port_is_free(host: str, port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+def connected(listener: socket.socket) -> bool:
+    """Whether anyone connected to a non-blocking listening socket (the connection is closed)."""
+    try:
+        conn, _ = listener.accept()
+    except BlockingIOError:
+        return False
+    conn.close()
+    return True
