@@ -103,6 +103,21 @@ class Flights:
                 gevent.sleep(POLL)  # a fetcher is checking for readers this instant
             return Ticket(self, base, lock_fd, readers_fd, leader)
 
+    def follow(self, key: str) -> Ticket | None:
+        """Join the flight for key only if one is running (None: nobody is fetching it)."""
+        base = self._base(key)
+        try:
+            lock_fd = os.open(base + ".lock", os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        if try_flock(lock_fd, fcntl.LOCK_EX):  # free: no fetcher, and we start none
+            os.close(lock_fd)
+            return None
+        readers_fd = os.open(base + ".readers", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        while not try_flock(readers_fd, fcntl.LOCK_SH):
+            gevent.sleep(POLL)  # a fetcher is checking for readers this instant
+        return Ticket(self, base, lock_fd, readers_fd, False)
+
     def spool_bytes(self) -> int:
         """Bytes in the spool files of every flight of the instance (SPOOL_MAX_BYTES)."""
         total = 0
@@ -220,9 +235,9 @@ class Ticket:
                 raise FlightGone
             self._wait()
 
-    def body(self, spool_fd: int, length: int | None) -> Iterator[bytes]:
-        """Tail the spool to the end of the body; a failed fetch cuts the response."""
-        sent = 0
+    def body(self, spool_fd: int, length: int | None, start: int = 0) -> Iterator[bytes]:
+        """Tail the spool from start to length (the end); a failed fetch cuts the response."""
+        sent = start
         try:
             while length is None or sent < length:
                 want = CHUNK if length is None else min(CHUNK, length - sent)

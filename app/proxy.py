@@ -9,21 +9,20 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from app import freshness, metrics, policy, serve
-from app.clientwatch import ClientGoneCheck, watching
+from app.clientwatch import ClientGoneCheck
+from app.coalesce import Coalescer
 from app.config import AUTHENTICATED, Config
 from app.fetch import FILL_WAIT, Fetcher, source
-from app.flight import FlightGone, Flights, SpoolWriter, Uncoalescible
+from app.flight import Flights, SpoolWriter
 from app.oci import BLOB, TAGS, Target, accepts
 from app.peerfetch import PeerFetcher
 from app.peers import PeerAuth, PeerSet
 from app.policy import Action
 from app.prefetch import Prefetcher
-from app.reply import MISS, Reply
+from app.reply import Reply
 from app.revalidate import Revalidator
 from app.storage import ObjectMeta, Storage, keys
 from app.upstream import ClientHeaders, Upstream
-
-SPOOL_FULL = "spool full"  # a miss streamed through uncached: SPOOL_MAX_BYTES reached
 
 
 class Proxy:
@@ -37,6 +36,7 @@ class Proxy:
         self.upstream = upstream
         self.flights = flights
         self.fetcher = Fetcher(config, storage, upstream)
+        self.coalescer = Coalescer(config, self.fetcher, flights)
         self.prefetcher = Prefetcher(config.prefetch_concurrency, flights.dir)
         self.fetcher.manifest_fetched = self._prefetch_for
         self.peerfetch: PeerFetcher | None = None
@@ -158,6 +158,13 @@ class Proxy:
             action = policy.plan(self.config.proxy_mode, method, False, True)
         if action is Action.FORWARD_AND_FILL and method == "GET" and not client.range:
             return self._coalesced_blob(target, key, client, gone, local_only)
+        if (action is Action.FORWARD_AND_FILL and client.range) or (
+            action is Action.FORWARD and method == "HEAD"
+        ):
+            flight_key = self._flight_key(target, key)
+            reply = self.coalescer.in_flight(target, flight_key, method, client, gone)
+            if reply is not None:
+                return reply
         response = self.fetcher.send(
             method, target, client, forward_range=True, follow_redirects=True
         )
@@ -181,61 +188,6 @@ class Proxy:
         if self.config.proxy_mode == AUTHENTICATED:
             return f"{key}|{source(target)}"
         return f"{key}|{target.registry}"
-
-    def _coalesced(
-        self,
-        target: Target,
-        flight_key: str,
-        client: ClientHeaders,
-        from_cache: Callable[[], Reply | None],
-        fetch: Callable[[SpoolWriter], None],
-        gone: ClientGoneCheck = None,
-    ) -> Reply:
-        """A miss joins the instance's single flight for the object (app/flight.py)."""
-        redirects = target.kind == BLOB
-        for _ in range(5):
-            ticket = self.flights.join(flight_key)
-            if ticket.leader:
-                reply = from_cache()  # the previous flight may have just committed
-                if reply is not None:
-                    ticket.release()
-                    return reply
-                limit = self.config.spool_max_bytes
-                if limit is not None and self.flights.spool_bytes() >= limit:
-                    # The spool is full: stream this miss through, uncached, rather than fail.
-                    ticket.release()
-                    metrics.fill_finished(target.kind, SPOOL_FULL)
-                    response = self.fetcher.send("GET", target, client, follow_redirects=redirects)
-                    return self.fetcher.forward(response, "GET", target)
-                ticket.start(fetch)
-            elif self.config.proxy_mode == AUTHENTICATED:
-                # Another client's credentials fetched it: this one must be entitled too.
-                check = self.fetcher.send("HEAD", target, client, follow_redirects=redirects)
-                check.close()
-                if check.status_code != 200:
-                    ticket.release()
-                    response = self.fetcher.send("GET", target, client, follow_redirects=redirects)
-                    return self.fetcher.forward(response, "GET", target)
-            try:
-                head, spool_fd = watching(gone, ticket.head)
-            except FlightGone:
-                ticket.release()
-                continue
-            except Uncoalescible:
-                ticket.release()
-                response = self.fetcher.send("GET", target, client, follow_redirects=redirects)
-                return self.fetcher.forward(response, "GET", target)
-            except BaseException:
-                ticket.release()
-                raise
-            body = ticket.body(spool_fd, head.length)
-            if not ticket.leader:
-                metrics.COALESCED.inc()
-            return Reply(head.status, head.headers, body, outcome=MISS)
-        # Each flight it joined ended before its first byte (short manifest flights under load
-        # do): ask upstream for this client alone rather than fail it.
-        response = self.fetcher.send("GET", target, client, follow_redirects=redirects)
-        return self.fetcher.forward(response, "GET", target)
 
     def _coalesced_blob(
         self,
@@ -261,7 +213,7 @@ class Proxy:
                 self.storage, self.config, target, key, meta, "GET", client
             )
 
-        return self._coalesced(
+        return self.coalescer.miss(
             target,
             self._flight_key(target, key),
             client,
@@ -296,7 +248,7 @@ class Proxy:
                     return None
             return serve.manifest_from_cache(self.storage, self.config, target, key, meta, "GET")
 
-        return self._coalesced(
+        return self.coalescer.miss(
             target,
             f"{key}|{accept}",
             client,
