@@ -26,11 +26,9 @@ import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
 from app.config import Config, spool_dir
 from app.envreader import canonical_url
+from app.kdf import hkdf_sha256
 from app.oci import split_hostport
 
 log = logging.getLogger("oci_pull_through.peers")
@@ -129,8 +127,7 @@ class PeerSet:
 
 def derive_key(secret: str) -> bytes:
     """The HMAC key: HKDF-SHA256 of CLUSTER_SECRET (or TOKEN_SECRET), bound to this use."""
-    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_INFO)
-    return hkdf.derive(secret.encode())
+    return hkdf_sha256(secret.encode(), _INFO)
 
 
 def _digest(value: str) -> str:
