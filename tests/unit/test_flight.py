@@ -128,3 +128,22 @@ def test_the_store_tail_reads_everything_or_fails(tmp_path: Path) -> None:
     head, fd = leader.head()
     assert b"".join(leader.body(fd, head.length)) == BODY
     assert got == [BODY]
+
+
+def test_follow_joins_only_a_running_flight_and_reads_a_span(tmp_path: Path) -> None:
+    """Range and HEAD requests (app/coalesce.py) never start a download nor leave files."""
+    flights = Flights(str(tmp_path))
+    assert flights.follow("k") is None
+    assert list(tmp_path.iterdir()) == [], "following nothing creates nothing"
+    leader = flights.join("k")
+    leader.start(fetcher(CHUNKS))
+    follower = flights.follow("k")
+    assert follower is not None and not follower.leader
+    head, fd = follower.head()
+    assert head.length == len(BODY)
+    span = b"".join(follower.body(fd, 1_400_050, start=699_990))  # across all three chunks
+    assert span == BODY[699_990:1_400_050]
+    head, fd = leader.head()
+    assert b"".join(leader.body(fd, head.length)) == BODY
+    assert flights.follow("k") is None, "the flight is over"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
