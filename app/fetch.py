@@ -17,6 +17,7 @@ import gevent
 import requests
 
 from app import metrics, policy
+from app.bodies import MAX_ERROR_BODY, TooLarge, iter_body, raw_chunks, read_limited
 from app.config import Config
 from app.errors import RegistryError, UpstreamUnavailable
 from app.flight import Head, SpoolWriter
@@ -24,15 +25,7 @@ from app.oci import BLOB, MANIFEST, Target
 from app.reply import Reply
 from app.storage import NotFound, ObjectMeta, Storage, StoreError, keys, put
 from app.tee import CLIENT_GONE, COMMITTED, DIGEST_MISMATCH, STORE_ERROR, TRUNCATED, fill
-from app.upstream import (
-    MAX_ERROR_BODY,
-    ClientHeaders,
-    TooLarge,
-    Upstream,
-    iter_body,
-    raw_chunks,
-    read_limited,
-)
+from app.upstream import ClientHeaders, Upstream
 
 log = logging.getLogger("oci_pull_through.fetch")
 ManifestFetched = Callable[[Target, ClientHeaders, str, str, bytes], None]

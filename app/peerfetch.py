@@ -27,6 +27,7 @@ from requests.adapters import HTTPAdapter
 
 from app import metrics, policy
 from app.blocking import run_blocking
+from app.bodies import MAX_ERROR_BODY, TooLarge, raw_chunks, read_limited
 from app.config import AUTHENTICATED, Config
 from app.errors import RegistryError
 from app.fetch import MAX_MANIFEST_BYTES, Fetcher
@@ -35,7 +36,7 @@ from app.oci import BLOB, MANIFEST, Target
 from app.peers import AUTH_HEADER, CREDENTIAL_HEADER, SERVED_HEADER, PeerAuth, PeerSet
 from app.storage import keys
 from app.tee import CLIENT_GONE, DIGEST_MISMATCH, TRUNCATED
-from app.upstream import MAX_ERROR_BODY, ClientHeaders, TooLarge, raw_chunks, read_limited
+from app.upstream import ClientHeaders
 
 log = logging.getLogger("oci_pull_through.peerfetch")
 

@@ -1,11 +1,14 @@
-"""Talking to upstream registries: URLs, header forwarding, token exchange, timeouts, SSRF guard."""
+"""Talking to upstream registries: URLs, header forwarding, credentials, the token exchange.
+
+How a request leaves (the guarded session, timeouts, metrics, transport errors) is
+app/transport.py's; this module decides what is sent, to whom, with which credentials.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
@@ -13,23 +16,14 @@ from urllib.parse import urlsplit
 import requests
 from urllib3.exceptions import HTTPError
 
-from app import metrics, ratelimit, wwwauth
+from app import ratelimit, wwwauth
 from app.auth.tokencache import TokenCache
-from app.bodies import (  # noqa: F401 - re-exported: app/fetch.py and app/peerfetch.py use them
-    CHUNK_SIZE,
-    MAX_ERROR_BODY,
-    MAX_TOKEN_BODY,
-    TooLarge,
-    iter_body,
-    keep_error_body,
-    raw_chunks,
-    read_limited,
-)
+from app.bodies import MAX_TOKEN_BODY, TooLarge, keep_error_body, read_limited
 from app.config import TRANSPARENT, Config
-from app.egress import Egress, retry_policy, tls_context
 from app.errors import Denied, UpstreamUnavailable
-from app.netguard import BlockedAddress, Guard, GuardedAdapter, matches_allowlist
+from app.netguard import matches_allowlist
 from app.oci import api_host
+from app.transport import Params, Transport
 from app.upstreamauth import AuthFile, UpstreamCredentials
 
 log = logging.getLogger("oci_pull_through.upstream")
@@ -67,40 +61,12 @@ class RealmToken:
 
 
 class Upstream:
-    """One pooled session per worker; every call goes through the allowlist and the SSRF guard."""
+    """Every call goes through the allowlist, then out through the worker's Transport."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self.tokens = TokenCache()
-        self.session = requests.Session()
-        self.session.trust_env = False  # proxies come from app/config.py, through the adapter
-        self.session.max_redirects = 5
-        self.session.headers["Accept-Encoding"] = "identity"
-        guard = Guard.from_lists(config.allowed_registries, config.insecure_registries)
-        egress = Egress(config.http_proxy, config.https_proxy, config.no_proxy)
-        adapter = GuardedAdapter(
-            guard,
-            egress=egress,
-            ssl_context=tls_context(config.upstream_ca_bundle),
-            max_retries=retry_policy(),
-            pool_connections=16,
-            pool_maxsize=64,
-        )
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
-        for registry in sorted(config.tls_skip_verify_registries):
-            log.warning("TLS_SKIP_VERIFY_REGISTRIES: %s is reached WITHOUT verifying TLS", registry)
-            unverified = GuardedAdapter(
-                guard,
-                egress=egress,
-                ssl_context=tls_context(None, verify=False),
-                verify=False,
-                max_retries=retry_policy(),
-                pool_connections=16,
-                pool_maxsize=64,
-            )
-            self.session.mount(f"https://{api_host(registry)}/", unverified)
-        self.timeout = (config.upstream_connect_timeout, config.upstream_read_timeout)
+        self.transport = Transport(config)
         self.auth_file: AuthFile | None = None
         if config.upstream_auth_file and config.proxy_mode == TRANSPARENT:
             self.auth_file = AuthFile(config.upstream_auth_file)
@@ -136,7 +102,7 @@ class Upstream:
         client: ClientHeaders,
         *,
         name: str | None = None,
-        params: Mapping[str, str] | list[tuple[str, str]] | None = None,
+        params: Params = None,
         forward_range: bool = False,
         follow_redirects: bool = False,
         token_dance: bool = True,
@@ -255,28 +221,14 @@ class Upstream:
         Raises TokenRefused for a 401/403 and UpstreamUnavailable for any other failure.
         """
         headers = {"Authorization": f"Basic {basic}"} if basic is not None else {}
-        started = time.monotonic()
         form = None
         if refresh_token is not None:
             grant = [("grant_type", "refresh_token"), ("refresh_token", refresh_token)]
             form, params = [*grant, ("client_id", "oci-pull-through"), *params], []
-        try:
-            reply = self.session.request(
-                "GET" if form is None else "POST",
-                realm,
-                params=params,
-                data=form,
-                headers=headers,
-                timeout=self.timeout,
-                allow_redirects=False,
-                stream=True,
-            )
-        except BlockedAddress as exc:
-            raise Denied(f"token realm of {registry} refused: {exc}") from None
-        except (requests.RequestException, HTTPError, OSError, ValueError):
-            metrics.upstream_answered(registry, "error", time.monotonic() - started)
-            raise UpstreamUnavailable(registry, "token realm unreachable") from None
-        metrics.upstream_answered(registry, reply.status_code, time.monotonic() - started)
+        method = "GET" if form is None else "POST"
+        reply = self.transport.send(
+            method, registry, realm, headers, params=params, form=form, realm=True
+        )
         with reply:
             if reply.status_code in (401, 403):
                 raise TokenRefused(registry, f"token realm answered {reply.status_code}")
@@ -321,26 +273,12 @@ class Upstream:
         registry: str,
         url: str,
         headers: dict[str, str],
-        params: Mapping[str, str] | list[tuple[str, str]] | None,
+        params: Params,
         follow_redirects: bool,
     ) -> requests.Response:
-        started = time.monotonic()
-        try:
-            response = self.session.request(
-                method,
-                url,
-                headers=headers,
-                params=params,
-                stream=True,
-                timeout=self.timeout,
-                allow_redirects=follow_redirects,
-            )
-        except BlockedAddress as exc:
-            raise Denied(f"upstream {registry} refused: {exc}") from None
-        except requests.RequestException as exc:
-            metrics.upstream_answered(registry, "error", time.monotonic() - started)
-            raise UpstreamUnavailable(registry, _describe(exc)) from None
-        metrics.upstream_answered(registry, response.status_code, time.monotonic() - started)
+        response = self.transport.send(
+            method, registry, url, headers, params=params, follow_redirects=follow_redirects
+        )
         ratelimit.observe(registry, response.headers)
         return response
 
@@ -353,11 +291,3 @@ def _token_params(challenge: Mapping[str, str], scope: str) -> list[tuple[str, s
 def _answered_by(response: requests.Response, registry: str) -> bool:
     """Whether the answer came from the registry's own host, not from a redirect target."""
     return urlsplit(response.url).netloc.lower() == api_host(registry).lower()
-
-
-def _describe(exc: requests.RequestException) -> str:
-    if isinstance(exc, requests.Timeout):
-        return "timed out"
-    if isinstance(exc, requests.TooManyRedirects):
-        return "too many redirects"
-    return "connection failed"

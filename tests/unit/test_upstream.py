@@ -17,19 +17,11 @@ import pytest
 import requests
 import responses
 
+from app.auth.tokencache import TokenCache
+from app.bodies import MAX_ERROR_BODY, MAX_TOKEN_BODY, TooLarge, iter_body, read_limited
 from app.config import AUTHENTICATED, TRANSPARENT, Config
 from app.errors import Denied, UpstreamUnavailable
-from app.upstream import (
-    MAX_ERROR_BODY,
-    MAX_TOKEN_BODY,
-    ClientHeaders,
-    TokenCache,
-    TooLarge,
-    Upstream,
-    iter_body,
-    parse_bearer_challenge,
-    read_limited,
-)
+from app.upstream import ClientHeaders, Upstream, parse_bearer_challenge
 
 REG = "registry.test"
 NAME = "org/app"
