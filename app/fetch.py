@@ -2,13 +2,13 @@
 
 A Fetcher builds upstream requests for a Target, turns upstream answers into Replies
 (bounded, with the §15 header allowlist), and runs the single-flight fetchers that fill
-the spool and, once size and digest check out, the store. No Flask here; the decisions
-of when to fetch are app/proxy.py's.
+the spool and, once size and digest check out, the store (a blob through tee.fill, a
+manifest through app/manifeststore.py). No Flask here; the decisions of when to fetch are
+app/proxy.py's.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from collections.abc import Callable
@@ -21,10 +21,11 @@ from app.bodies import MAX_ERROR_BODY, TooLarge, iter_body, raw_chunks, read_lim
 from app.config import Config
 from app.errors import RegistryError, UpstreamUnavailable
 from app.flight import Head, SpoolWriter
+from app.manifeststore import sidecar_headers, store_manifest
 from app.oci import BLOB, MANIFEST, Target
 from app.reply import Reply
-from app.storage import NotFound, ObjectMeta, Storage, StoreError, keys, put
-from app.tee import CLIENT_GONE, COMMITTED, DIGEST_MISMATCH, STORE_ERROR, TRUNCATED, fill
+from app.storage import NotFound, ObjectMeta, Storage, StoreError
+from app.tee import CLIENT_GONE, TRUNCATED, fill
 from app.upstream import ClientHeaders, Upstream
 
 log = logging.getLogger("oci_pull_through.fetch")
@@ -33,10 +34,6 @@ ManifestFetched = Callable[[Target, ClientHeaders, str, str, bytes], None]
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 FILL_WAIT = 600.0  # how long a finished download waits for the store before letting go
 _LENGTH = re.compile(r"[0-9]{1,18}")
-
-
-def _digest_of(data: bytes, algorithm: str) -> str:
-    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
 
 
 def _content_length(response: requests.Response) -> int | None:
@@ -49,8 +46,21 @@ def source(target: Target) -> str:
     return f"{target.registry}/{target.name}"
 
 
-def _without_length(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    return [(k, v) for k, v in headers if k.lower() != "content-length"]
+def _with_length(headers: list[tuple[str, str]], size: int) -> list[tuple[str, str]]:
+    """Upstream's headers with our own Content-Length, for a body read whole."""
+    return [
+        *((k, v) for k, v in headers if k.lower() != "content-length"),
+        ("Content-Length", str(size)),
+    ]
+
+
+def _publish_whole(
+    spool: SpoolWriter, status: int, headers: list[tuple[str, str]], data: bytes
+) -> None:
+    """A body read whole (a manifest, an error), to every reader of the flight at once."""
+    spool.publish(Head(status, _with_length(headers, len(data)), len(data)))
+    spool.write(data)
+    spool.end(True)
 
 
 def _read_while_wanted(
@@ -133,7 +143,7 @@ class Fetcher:
                 ) from None
             except Exception as exc:
                 raise UpstreamUnavailable(target.registry, f"body failed: {exc}") from None
-        return Reply(status, [*_without_length(headers), ("Content-Length", str(len(data)))], data)
+        return Reply(status, _with_length(headers, len(data)), data)
 
     def lookup(self, key: str) -> ObjectMeta | None:
         """The committed object's meta; a store failure counts as a miss (go upstream)."""
@@ -174,83 +184,16 @@ class Fetcher:
                 metrics.fill_finished("manifest", CLIENT_GONE)
                 return
             if ok:
-                stored = self._store_manifest(
-                    target, key, client, response, data, _content_length(response)
+                length = _content_length(response)
+                stored = store_manifest(
+                    self.storage, target, key, client.accept, response, data, length
                 )
                 if stored is not None and self.manifest_fetched is not None:
                     self.manifest_fetched(target, client, stored.digest, stored.media_type, data)
                 headers = policy.registry_headers(MANIFEST, response.headers.items())
             else:
-                headers = _without_length(policy.forwardable_headers(response.headers.items()))
-            headers.append(("Content-Length", str(len(data))))
-            spool.publish(Head(response.status_code, headers, len(data)))
-            spool.write(data)
-            spool.end(True)
-
-    def _store_manifest(
-        self,
-        target: Target,
-        key: str,
-        client: ClientHeaders,
-        response: requests.Response,
-        data: bytes,
-        length: int | None,
-    ) -> ObjectMeta | None:
-        """Store a verified manifest under its digest and, for a tag, under the tag too;
-        its meta, or None when the bytes cannot be trusted.
-
-        Only an answer to a client that accepts every index and image manifest type becomes
-        the tag's entry (§15 "Tags"); a narrower one is kept by digest only.
-        """
-        digest = self._verified_manifest_digest(target, response, data, length)
-        if digest is None:
-            wrong_size = length is not None and len(data) != length
-            metrics.fill_finished("manifest", TRUNCATED if wrong_size else DIGEST_MISMATCH)
-            return None
-        meta = ObjectMeta(
-            digest=digest,
-            size=len(data),
-            media_type=policy.media_type(MANIFEST, response.headers.get("Content-Type")),
-            headers=tuple(self._stored_headers(MANIFEST, response)),
-            sources=(f"{target.registry}/{target.name}",),
-        )
-        stores = [keys.manifest(target.registry, target.name, digest)]
-        if not target.is_digest and policy.may_write_tag(client.accept):
-            stores.append(key)
-        try:
-            for store_key in stores:
-                put(self.storage, store_key, [data], meta)
-            metrics.fill_finished("manifest", COMMITTED)
-        except StoreError as exc:
-            log.warning("cache commit of %s failed: %s", key, exc)
-            metrics.fill_finished("manifest", STORE_ERROR)
-        return meta
-
-    def _verified_manifest_digest(
-        self, target: Target, response: requests.Response, data: bytes, length: int | None
-    ) -> str | None:
-        """The digest to store under, or None when the bytes cannot be trusted."""
-        if length is not None and len(data) != length:
-            log.warning(
-                "manifest %s: %d bytes, Content-Length %d; not cached",
-                target.reference,
-                len(data),
-                length,
-            )
-            return None
-        expected = (
-            target.reference if target.is_digest else response.headers.get("Docker-Content-Digest")
-        )
-        if not expected or ":" not in expected:
-            log.warning("manifest %s has no Docker-Content-Digest; not cached", target.reference)
-            return None
-        algorithm = expected.split(":", 1)[0]
-        if algorithm not in ("sha256", "sha512") or _digest_of(data, algorithm) != expected:
-            log.warning(
-                "manifest %s does not match digest %s; not cached", target.reference, expected
-            )
-            return None
-        return expected
+                headers = policy.forwardable_headers(response.headers.items())
+            _publish_whole(spool, response.status_code, headers, data)
 
     def fetch_blob(
         self, target: Target, key: str, client: ClientHeaders, spool: SpoolWriter
@@ -295,16 +238,13 @@ class Fetcher:
         except Exception as exc:
             spool.fail_before_head(UpstreamUnavailable(target.registry, f"{exc}"))
             return
-        headers = _without_length(policy.forwardable_headers(response.headers.items()))
-        headers.append(("Content-Length", str(len(data))))
-        spool.publish(Head(response.status_code, headers, len(data)))
-        spool.write(data)
-        spool.end(True)
+        headers = policy.forwardable_headers(response.headers.items())
+        _publish_whole(spool, response.status_code, headers, data)
 
     def _fill_blob(
         self, target: Target, key: str, response: requests.Response, spool: SpoolWriter
     ) -> None:
-        stored = tuple(self._stored_headers(BLOB, response))
+        stored = tuple(sidecar_headers(BLOB, response))
         media_type = policy.media_type(BLOB, response.headers.get("Content-Type"))
 
         def make_meta(digest: str, size: int) -> ObjectMeta:
@@ -331,12 +271,3 @@ class Fetcher:
         )
         log.info("cache fill %s: %s", target.reference[:19], result)
         metrics.fill_finished("blob", result)
-
-    @staticmethod
-    def _stored_headers(kind: str, response: requests.Response) -> list[tuple[str, str]]:
-        """What a sidecar keeps of upstream's headers: the §15 allowlist, no lengths."""
-        return [
-            (k, v)
-            for k, v in policy.registry_headers(kind, response.headers.items())
-            if k.lower() != "content-type"
-        ]
