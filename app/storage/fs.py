@@ -63,9 +63,8 @@ class FilesystemStorage:
         except OSError as exc:
             raise StoreError(f"reading sidecar of {key}: {exc}") from exc
 
-    def stat(self, key: str) -> ObjectMeta:
-        """Read the sidecar: an object without one, or whose data disagrees, does not exist."""
-        meta = self._read_sidecar(key)
+    def _check_data(self, key: str, meta: ObjectMeta, says: str) -> None:
+        """NotFound unless the data meta names is there with meta's size (says: whose size)."""
         try:
             size = os.stat(self.data_path(key, meta)).st_size
         except (FileNotFoundError, NotADirectoryError):
@@ -73,7 +72,12 @@ class FilesystemStorage:
         except OSError as exc:
             raise StoreError(f"checking the data of {key}: {exc}") from exc
         if size != meta.size:
-            raise NotFound(f"{key}: data of {size} bytes, sidecar says {meta.size}")
+            raise NotFound(f"{key}: data of {size} bytes, {says} says {meta.size}")
+
+    def stat(self, key: str) -> ObjectMeta:
+        """Read the sidecar: an object without one, or whose data disagrees, does not exist."""
+        meta = self._read_sidecar(key)
+        self._check_data(key, meta, "sidecar")
         return meta
 
     def open(
@@ -111,14 +115,7 @@ class FilesystemStorage:
 
     def update_meta(self, key: str, meta: ObjectMeta) -> None:
         """Replace only the sidecar (a tag's freshness, its sources); the data stays as it is."""
-        try:
-            size = os.stat(self.data_path(key, meta)).st_size
-        except (FileNotFoundError, NotADirectoryError):
-            raise NotFound(f"{key}: no data for {meta.digest}") from None
-        except OSError as exc:
-            raise StoreError(f"checking the data of {key}: {exc}") from exc
-        if size != meta.size:
-            raise NotFound(f"{key}: data of {size} bytes, meta says {meta.size}")
+        self._check_data(key, meta, "meta")
         try:
             replace_file(self.path(sidecar(key)), meta.to_json())
         except OSError as exc:
