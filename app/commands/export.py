@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from app.storage import Storage
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,24 +21,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Read the configured store (either backend) and write the slice, or name what is missing."""
-    from app.config import Config, ConfigError
+    from app.commands.slicerun import run_on_store
     from app.slices import SliceError, plan_export, write_archive
-    from app.storage import StoreError
-    from app.storage.factory import make_storage
     from app.units import format_bytes
 
-    try:
-        storage = make_storage(Config.from_env())
+    def export(storage: Storage) -> str:
         plan = plan_export(storage, args.images, args.platform)
         if plan.missing:
-            print(f"oci-pull-through: not cached: {', '.join(plan.missing)}", file=sys.stderr)
-            return 1
+            raise SliceError(f"not cached: {', '.join(plan.missing)}")
         size = write_archive(storage, plan, args.output)
-    except (ConfigError, StoreError, SliceError, OSError) as error:
-        print(f"oci-pull-through: {error}", file=sys.stderr)
-        return 1
-    print(
-        f"exported {len(plan.entries)} images ({len(plan.objects)} objects, "
-        f"{format_bytes(size)}) to {args.output}"
-    )
-    return 0
+        return (
+            f"exported {len(plan.entries)} images ({len(plan.objects)} objects, "
+            f"{format_bytes(size)}) to {args.output}"
+        )
+
+    return run_on_store(export)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from app.storage import Storage
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -19,19 +22,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Verify every digest, then store blobs, manifests and tags in the configured store."""
-    from app.config import Config, ConfigError
+    from app.commands.slicerun import run_on_store
     from app.sliceimport import import_archive
-    from app.slices import SliceError
-    from app.storage import StoreError
-    from app.storage.factory import make_storage
 
-    try:
-        done = import_archive(make_storage(Config.from_env()), args.archive, args.repository)
-    except (ConfigError, StoreError, SliceError, OSError) as error:
-        print(f"oci-pull-through: {error}", file=sys.stderr)
-        return 1
-    print(
-        f"imported {done.blobs} new blobs, {done.manifests} manifests, tags: "
-        f"{', '.join(done.tags) or 'none'}"
-    )
-    return 0
+    def load(storage: Storage) -> str:
+        done = import_archive(storage, args.archive, args.repository)
+        return (
+            f"imported {done.blobs} new blobs, {done.manifests} manifests, tags: "
+            f"{', '.join(done.tags) or 'none'}"
+        )
+
+    return run_on_store(load)
