@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the repository root: app and tests.harness
 
 from tests.harness import Registry, build_image  # noqa: E402
+from tests.harness.containerd import Containerd  # noqa: E402
 from tests.harness.ports import free_port  # noqa: E402
 from tests.harness.proxyproc import ProxyServer  # noqa: E402
 from tests.harness.seaweed import SeaweedFS  # noqa: E402
@@ -99,33 +100,45 @@ def parallel(url: str, count: int, expect_size: int) -> float:
     return time.perf_counter() - start
 
 
-class RssSampler:
-    """Peak of the summed resident memory of a process tree, sampled every 20 ms."""
+def _memory(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) of one process in bytes; PSS shares each page among the processes mapping
+    it, so the forked workers' common pages are not counted twice."""
+    try:
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0, 0
+    rss = re.search(r"^Rss:\s+(\d+) kB", rollup, re.M)
+    pss = re.search(r"^Pss:\s+(\d+) kB", rollup, re.M)
+    return (int(rss.group(1)) * 1024 if rss else 0, int(pss.group(1)) * 1024 if pss else 0)
 
-    def __init__(self, root_pid: int) -> None:
-        self.root = root_pid
+
+class RssSampler:
+    """Peaks of the summed RSS and PSS of a process tree, sampled every 20 ms."""
+
+    def __init__(self, root_pid: int | Callable[[], int]) -> None:
+        self.root = root_pid  # a callable for a server that restarts (P after clear_p)
         self.peak = 0
+        self.peak_pss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def processes(self) -> list[tuple[int, int, int]]:
+        """(pid, RSS, PSS) of the root process and its children, now."""
+        root = self.root() if callable(self.root) else self.root
+        pids = [root]
+        children = subprocess.run(["pgrep", "-P", str(root)], capture_output=True, text=True)
+        pids += [int(p) for p in children.stdout.split()]
+        return [(pid, *_memory(pid)) for pid in pids]
+
     def current(self) -> int:
         """Resident bytes of the root process and its children, now."""
-        pids = [self.root]
-        children = subprocess.run(["pgrep", "-P", str(self.root)], capture_output=True, text=True)
-        pids += [int(p) for p in children.stdout.split()]
-        total = 0
-        for pid in pids:
-            try:
-                status = Path(f"/proc/{pid}/status").read_text()
-            except OSError:
-                continue
-            match = re.search(r"VmRSS:\s+(\d+) kB", status)
-            total += int(match.group(1)) * 1024 if match else 0
-        return total
+        return sum(rss for _, rss, _ in self.processes())
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.current())
+            now = self.processes()
+            self.peak = max(self.peak, sum(rss for _, rss, _ in now))
+            self.peak_pss = max(self.peak_pss, sum(pss for _, _, pss in now))
             time.sleep(0.02)
 
     def __enter__(self) -> RssSampler:
@@ -136,6 +149,11 @@ class RssSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def per_process(sampler: RssSampler) -> str:
+    """RSS/PSS in MiB of each process of a tree, the root first."""
+    return " ".join(f"{rss / MiB:.0f}/{pss / MiB:.0f}" for _, rss, pss in sampler.processes())
 
 
 class Nginx:
@@ -672,12 +690,64 @@ class Bench:
             "",
         )
 
-    def rss_p(self) -> None:
-        sampler = RssSampler(self.p.pid or 0)
+    def ctr(self) -> None:
+        """containerd's `ctr image pull` of the 3-layer image, each pull in a fresh namespace
+        (isolated content store), so every pull fetches every blob from the server named."""
+        daemon = Containerd(self.work / "containerd").start()
+        try:
+
+            def pull(host: str) -> float:
+                start = time.perf_counter()
+                proc = daemon.pull(f"{host}/bench/three:v1")
+                if proc.returncode:
+                    raise RuntimeError(proc.stderr)
+                return time.perf_counter() - start
+
+            def x_cold() -> float:
+                self.clear_x()
+                return pull(self.x.host)
+
+            def p_cold() -> float:
+                self.clear_p()
+                return pull(self.p.host)
+
+            x, u, p = median_of(self.s.reps, x_cold, lambda: pull(self.u.host), p_cold)
+            self.row(
+                "ctr pull, 3 layers, cold (s)",
+                f"{x:.2f}",
+                f"U {u:.2f} | P {p:.2f}",
+                f"{u / x:.2f} x U",
+                ">= 0.95 x U",
+            )
+            pull(self.x.host)
+            pull(self.p.host)
+            time.sleep(0.5)
+            x, p = median_of(self.s.reps, lambda: pull(self.x.host), lambda: pull(self.p.host))
+            self.row(
+                "ctr pull, 3 layers, warm (s)",
+                f"{x:.2f}",
+                f"P {p:.2f}",
+                f"{p / x:.2f} x P",
+                ">= 1.0 x P",
+            )
+        finally:
+            daemon.stop()
+
+    def memory_idle(self) -> None:
+        """Each process's RSS/PSS before any traffic: the import footprint."""
+        x = RssSampler(self.x.proc.pid)  # type: ignore[union-attr]
+        p = RssSampler(self.p.pid or 0)
         self.row(
-            "peak RSS now (MiB)",
-            f"{sampler.current() / MiB:.0f} (X, all workers)",
-            f"P {sampler.current() / MiB:.0f}",
+            "idle RSS/PSS per process (MiB)",
+            f"{per_process(x)} (master w0 w1)",
+            f"P {per_process(p)}",
+            "",
+            "",
+        )
+        self.row(
+            "idle sum RSS | PSS (MiB)",
+            f"{x.current() / MiB:.0f} | {sum(q for _, _, q in x.processes()) / MiB:.0f}",
+            f"P {p.current() / MiB:.0f}",
             "",
             "",
         )
@@ -697,7 +767,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, under 2 minutes")
     args = parser.parse_args()
-    for tool in ("docker-registry", "skopeo", "nginx", "wrk", "hey", "curl"):
+    for tool in ("docker-registry", "skopeo", "nginx", "wrk", "hey", "curl", "containerd"):
         if shutil.which(tool) is None:
             print(f"bench needs {tool}", file=sys.stderr)
             return 2
@@ -707,22 +777,34 @@ def main() -> int:
         bench = Bench(sizes, Path(tmp))
         try:
             bench.setup()
+            time.sleep(1)
+            bench.memory_idle()
+            x_peak = RssSampler(bench.x.proc.pid).__enter__()  # type: ignore[union-attr]
+            p_peak = RssSampler(lambda: bench.p.pid or 0).__enter__()
             for step in (
                 bench.warm_blobs,
                 bench.cold_blobs,
                 bench.huge,
                 bench.manifests,
                 bench.skopeo,
+                bench.ctr,
                 bench.cluster_cold,
             ):
                 log(step.__name__)
                 step()
-            x_rss = RssSampler(bench.x.proc.pid).current()  # type: ignore[union-attr]
-            p_rss = RssSampler(bench.p.pid or 0).current()
+            x_peak.__exit__()
+            p_peak.__exit__()
             bench.row(
-                "RSS at the end (MiB)",
-                f"{x_rss / MiB:.0f} (all workers)",
-                f"P {p_rss / MiB:.0f}",
+                "peak sum RSS | PSS, whole run (MiB)",
+                f"{x_peak.peak / MiB:.0f} | {x_peak.peak_pss / MiB:.0f} (master + workers)",
+                f"P {p_peak.peak / MiB:.0f} | {p_peak.peak_pss / MiB:.0f}",
+                "",
+                "<= 96",
+            )
+            bench.row(
+                "RSS/PSS per process at the end (MiB)",
+                per_process(RssSampler(bench.x.proc.pid)),  # type: ignore[union-attr]
+                f"P {per_process(RssSampler(bench.p.pid or 0))}",
                 "",
                 "",
             )
