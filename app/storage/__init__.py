@@ -10,6 +10,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol
 
+from app.storage import keys
+
 log = logging.getLogger("oci_pull_through.storage")
 
 
@@ -32,6 +34,14 @@ class ObjectMeta:
     stored_at: float = field(default_factory=time.time)
     # "registry/repository" pairs through which these bytes were verified (SPEC §15).
     sources: tuple[str, ...] = ()
+
+    def data_key(self, key: str) -> str:
+        """The key of the data object holding these bytes for key; NotFound when it cannot
+        be key's (a sidecar naming other bytes than its content-addressed key holds)."""
+        try:
+            return keys.data(key, self.digest)
+        except ValueError:
+            raise NotFound(f"{key}: sidecar names {self.digest}") from None
 
     def to_json(self) -> bytes:
         """Serialise for the sidecar."""

@@ -49,10 +49,7 @@ class FilesystemStorage:
 
     def data_path(self, key: str, meta: ObjectMeta) -> str:
         """The file holding the bytes meta describes; NotFound if meta cannot be key's."""
-        try:
-            return self.path(keys.data(key, meta.digest))
-        except ValueError:
-            raise NotFound(f"{key}: sidecar names {meta.digest}") from None
+        return self.path(meta.data_key(key))
 
     def _read_sidecar(self, key: str) -> ObjectMeta:
         try:

@@ -92,10 +92,7 @@ class S3Storage:
 
     def data_key(self, key: str, meta: ObjectMeta) -> str:
         """The S3 key of the bytes meta describes; NotFound if meta cannot be key's."""
-        try:
-            return self.object_key(keys.data(key, meta.digest))
-        except ValueError:
-            raise NotFound(f"{key}: sidecar names {meta.digest}") from None
+        return self.object_key(meta.data_key(key))
 
     def stat(self, key: str) -> ObjectMeta:
         """Read the sidecar object: an object without one does not exist.
