@@ -39,6 +39,7 @@ from app.spool import (
     SpoolWriter,
     Wakeups,
     inode,
+    lock_free,
     read_state,
     remove,
     sweep_leftovers,
@@ -185,10 +186,7 @@ class Ticket:
 
     def _over(self) -> bool:
         """The fetcher has finished or died (its lock is free)."""
-        if try_flock(self.lock_fd, fcntl.LOCK_SH):
-            fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
-            return True
-        return False
+        return lock_free(self.lock_fd, fcntl.LOCK_SH)
 
     def _wait(self) -> None:
         self.flights.wakeups.event(self.base).wait(timeout=POLL)

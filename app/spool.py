@@ -59,6 +59,15 @@ def try_flock(fd: int, operation: int) -> bool:
         raise
 
 
+def lock_free(fd: int, operation: int) -> bool:
+    """Whether the flock could be taken now: nobody holds it in a conflicting mode. Released
+    at once, so it only tests."""
+    if try_flock(fd, operation):
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return True
+    return False
+
+
 def remove(*paths: str) -> None:
     for path in paths:
         with contextlib.suppress(FileNotFoundError):
@@ -260,10 +269,7 @@ class SpoolWriter:
 
     def has_readers(self) -> bool:
         """False once every reader, in every worker, has gone."""
-        if try_flock(self._check_fd, fcntl.LOCK_EX):
-            fcntl.flock(self._check_fd, fcntl.LOCK_UN)
-            return False
-        return True
+        return not lock_free(self._check_fd, fcntl.LOCK_EX)
 
     def close(self) -> None:
         """Remove the flight's files; readers keep their open descriptors."""
