@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import gevent.event
 
+from app.blocking import run_blocking
 from app.errors import RegistryError
 from app.tee import SourceFailed
 
@@ -237,14 +238,19 @@ class SpoolWriter:
         self.finished, self.complete, self.reason = True, complete, reason
         self.wakeups.notify(self.base)
 
-    def read_at(self, fd: int, offset: int, limit: int) -> bytes:
-        """Up to limit bytes at offset: from memory while recent, else from the spool."""
+    def _recent_at(self, offset: int, limit: int) -> bytes | None:
+        """Up to limit bytes at offset if a recent chunk holds them."""
         for start, chunk in reversed(self._recent):
             if start <= offset < start + len(chunk):
                 return chunk[offset - start : offset - start + limit]
             if start + len(chunk) <= offset:
                 break
-        return os.pread(fd, limit, offset)
+        return None
+
+    def read_at(self, fd: int, offset: int, limit: int) -> bytes:
+        """Up to limit bytes at offset: from memory while recent, else from the spool."""
+        data = self._recent_at(offset, limit)
+        return os.pread(fd, limit, offset) if data is None else data
 
     def tail(self) -> Iterator[bytes]:
         """The spool from its start as it grows, for the store writer; SourceFailed if cut."""
@@ -252,7 +258,11 @@ class SpoolWriter:
         offset = 0
         try:
             while True:
-                data = self.read_at(fd, offset, CHUNK)
+                # The store fill lags the client (it hashes every byte): what it reads back
+                # from the spool is copied in the thread pool, not on the event loop.
+                data = self._recent_at(offset, CHUNK)
+                if data is None:
+                    data = run_blocking(os.pread, fd, CHUNK, offset)
                 if data:
                     offset += len(data)
                     yield data

@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bench import curl  # noqa: E402
+from bench import curl  # noqa: E402  (bench/bench.py: this directory is on sys.path)
 from tests.harness import Registry, build_image  # noqa: E402
 from tests.harness.proxyproc import ProxyServer  # noqa: E402
 
