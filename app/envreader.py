@@ -157,13 +157,15 @@ class Reader:
     def patterns(self, name: str) -> tuple[str, ...]:
         value = self.raw(name) or "*"
         items = [item.strip().lower() for item in value.split(",") if item.strip()]
+        if not items:  # "," is a list that names nothing, never "every registry" (fail closed)
+            raise ConfigError(name, value, "expected host[:port] patterns with *")
         try:
             for item in items:
                 normalize_registry(item.replace("*", "x"))
             items = [item if "*" in item else normalize_registry(item) for item in items]
         except RegistryError:
             raise ConfigError(name, value, "expected host[:port] patterns with *") from None
-        return tuple(items) or ("*",)
+        return tuple(items)
 
     def secret(self, name: str) -> str | None:
         value = self.raw(name)

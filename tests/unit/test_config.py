@@ -174,6 +174,8 @@ def test_empty_boolean_uses_default() -> None:
         ("INSECURE_REGISTRIES", "ok.test:notaport"),
         ("ALLOWED_REGISTRIES", "registry.test/path"),
         ("ALLOWED_REGISTRIES", "*.test,user@x.test"),
+        ("ALLOWED_REGISTRIES", ","),  # a list with no entry must not mean "every registry"
+        ("ALLOWED_REGISTRIES", ", ,"),
         ("CREDENTIAL_REGISTRIES", "registry.test/path"),
         ("CREDENTIAL_REGISTRIES", "https://ghcr.io"),
         ("CREDENTIAL_REGISTRIES", ",,"),
