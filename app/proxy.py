@@ -7,6 +7,7 @@ cache app/serve.py's. No Flask here: every method returns a Reply for the bluepr
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 from app import freshness, metrics, policy, serve
 from app.clientwatch import ClientGoneCheck
@@ -23,6 +24,16 @@ from app.reply import Reply
 from app.revalidate import Revalidator
 from app.storage import ObjectMeta, Storage, keys
 from app.upstream import ClientHeaders, Upstream
+
+
+class Read(NamedTuple):
+    """One read request as the read path sees it, from a blueprint."""
+
+    target: Target
+    method: str
+    client: ClientHeaders
+    gone: ClientGoneCheck = None  # the client hung up (gunicorn only)
+    local_only: bool = False  # a peer's request: never forwarded to another replica
 
 
 class Proxy:
@@ -62,30 +73,11 @@ class Proxy:
             return lambda spool: peer.fetch_manifest(owner, target, key, client, spool)
         return lambda spool: self.fetcher.fetch_manifest(target, key, client, spool)
 
-    # -- /v2/ ---------------------------------------------------------------------------
-
-    def ping(self, client: ClientHeaders, challenge: str) -> Reply:
-        """The version check (§12): the proxy's own challenge, or 200 once a client has a token.
-
-        Credentials are checked upstream on real requests, never here.
-        """
-        headers = [("Content-Type", "application/json")]
-        if client.authorization:
-            return Reply(200, headers, b"{}")
-        body = b'{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}'
-        return Reply(401, [*headers, ("WWW-Authenticate", challenge)], body)
-
     # -- manifests ------------------------------------------------------------------------
 
-    def manifest(
-        self,
-        target: Target,
-        method: str,
-        client: ClientHeaders,
-        gone: ClientGoneCheck = None,
-        local_only: bool = False,
-    ) -> Reply:
+    def manifest(self, read: Read) -> Reply:
         """A manifest by tag or digest (§5, §6, §15)."""
+        target, method, client, gone, local_only = read
         self.upstream.check_allowed(target.registry)  # before the cache: §15
         key = keys.manifest(target.registry, target.name, target.reference)
         cacheable = policy.is_cacheable(target, self.config)
@@ -131,15 +123,9 @@ class Proxy:
 
     # -- blobs ----------------------------------------------------------------------------
 
-    def blob(
-        self,
-        target: Target,
-        method: str,
-        client: ClientHeaders,
-        gone: ClientGoneCheck = None,
-        local_only: bool = False,
-    ) -> Reply:
+    def blob(self, read: Read) -> Reply:
         """A blob: always cached, served with sendfile or a presigned redirect on a hit."""
+        target, method, client, gone, local_only = read
         self.upstream.check_allowed(target.registry)  # before the cache: §15
         self.prefetcher.blob_requested(target.reference)
         key = keys.blob(target.reference)

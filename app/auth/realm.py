@@ -86,3 +86,13 @@ def with_proxy_challenge(reply: Reply, target: Target, realm: str) -> Reply:
     reply.headers = [(k, v) for k, v in reply.headers if k.lower() != "www-authenticate"]
     reply.headers.append(("WWW-Authenticate", challenge))
     return reply
+
+
+def version_answer(authorization: str | None, challenge: str) -> Reply:
+    """The /v2/ answer (§12): our own challenge, or 200 once a client sends credentials,
+    which are checked upstream on real requests, never here."""
+    headers = [("Content-Type", "application/json")]
+    if authorization:
+        return Reply(200, headers, b"{}")
+    body = b'{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}'
+    return Reply(401, [*headers, ("WWW-Authenticate", challenge)], body)

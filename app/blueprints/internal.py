@@ -19,7 +19,7 @@ from app.blueprints.common import client_gone_check
 from app.errors import DigestInvalid, NameInvalid, RegistryError
 from app.oci import BLOB, MANIFEST, Target, is_digest, is_valid_name, normalize_registry
 from app.peers import AUTH_HEADER, CREDENTIAL_HEADER, SERVED_HEADER, PeerAuth, PeerSet
-from app.proxy import Proxy
+from app.proxy import Proxy, Read
 from app.reply import Reply
 from app.upstream import ClientHeaders
 
@@ -70,7 +70,7 @@ def peer_object(kind: str, digest: str) -> Response:
     )
     proxy: Proxy = current_app.extensions["oci_proxy"]
     serve = proxy.blob if kind == BLOB else proxy.manifest
-    reply = serve(target, "GET", client, client_gone_check(), local_only=True)
+    reply = serve(Read(target, "GET", client, client_gone_check(), local_only=True))
     metrics.PEER_REQUESTS.labels("served").inc()
     return _response(reply)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, current_app, request
 
-from app.auth.realm import proxy_challenge
+from app.auth.realm import proxy_challenge, version_answer
 from app.blueprints.common import (
     API_VERSION,
     client_gone_check,
@@ -16,7 +16,7 @@ from app.blueprints.common import (
 )
 from app.errors import Unsupported
 from app.oci import BLOB, MANIFEST, REFERRERS, TAGS, parse_target
-from app.proxy import Proxy
+from app.proxy import Proxy, Read
 from app.reply import Reply
 from app.reqlog import counted, read_span
 from app.upstream import ClientHeaders
@@ -49,7 +49,7 @@ def version_check() -> Response:
     """The API version check (§5 /v2/ rows)."""
     _require_read()
     challenge = proxy_challenge(token_realm())
-    return to_response(_proxy().ping(client_headers(), challenge))
+    return to_response(version_answer(client_headers().authorization, challenge))
 
 
 @bp.route("/v2/<path:rest>", methods=_ALL_METHODS)
@@ -65,9 +65,9 @@ def registry(rest: str) -> Response:
     proxy = _proxy()
     client = token_proxy().credentials_for(client_headers(), target.registry)
     if target.kind == MANIFEST:
-        reply = proxy.manifest(target, request.method, client, client_gone_check())
+        reply = proxy.manifest(Read(target, request.method, client, client_gone_check()))
     elif target.kind == BLOB:
-        reply = proxy.blob(target, request.method, client, client_gone_check())
+        reply = proxy.blob(Read(target, request.method, client, client_gone_check()))
     else:
         if request.method != "GET":
             raise Unsupported(f"{request.method} is not supported on {target.kind}")
