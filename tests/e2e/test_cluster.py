@@ -22,7 +22,7 @@ import requests
 
 from app.peers import AUTH_HEADER, CREDENTIAL_HEADER, PeerAuth, canonical_url, rendezvous
 from app.storage import keys
-from tests.harness.fakeupstream import FakeUpstream
+from tests.harness.fakeupstream import Behaviour, FakeUpstream
 from tests.harness.ports import free_port
 from tests.harness.proxyproc import ProxyServer
 from tests.harness.scrape import metric
@@ -45,6 +45,17 @@ def cluster(
     tmp_path: Path,
 ) -> Cluster:
     """Three gunicorn replicas on loopback, one bucket and prefix, each its own spool."""
+    return start_cluster(make_proxy, fake, seaweed_server, tmp_path)
+
+
+def start_cluster(
+    make_proxy: Callable[..., ProxyServer],
+    fake: FakeUpstream,
+    seaweed_server: SeaweedFS,
+    tmp_path: Path,
+    **extra: str,
+) -> Cluster:
+    """The replicas of the cluster fixture, with extra environment for each."""
     ports = [free_port() for _ in range(3)]
     urls = [f"http://127.0.0.1:{port}" for port in ports]
     prefix = f"cluster{next(_prefixes)}-{os.getpid()}"
@@ -65,6 +76,7 @@ def cluster(
             "PEER_URL": urls[i],
             "CLUSTER_SECRET": SECRET,
             "WEB_CONCURRENCY": "2",
+            **extra,
         }
         started.append(make_proxy(env, port=port))
     return started
@@ -249,3 +261,72 @@ def test_a_peer_request_is_never_forwarded_again(
     for proxy in cluster:
         assert metric(proxy, "oci_peer_fetches_total") == 0.0, "no replica asked another"
     assert metric(cluster[owner], "oci_peer_requests_total") == 0.0
+
+
+def test_authenticated_mode_across_replicas_serves_no_one_without_their_own_access(
+    make_proxy: Callable[..., ProxyServer],
+    fake: FakeUpstream,
+    seaweed_server: SeaweedFS,
+    tmp_path: Path,
+) -> None:
+    """§15 through peers: the owner fetched a private blob with one client's credential; a
+    client without access asking another replica, while the download runs and after it is
+    committed, gets upstream's 401 and none of the bytes."""
+    digest, data = fake.blob("private/app", 8 * MiB, chunk=256 * 1024, delay_per_chunk=0.05)
+    path = f"/v2/private/app/blobs/{digest}"
+    denied = Behaviour(status=401, body=b'{"errors":[{"code":"UNAUTHORIZED"}]}')
+
+    def respond(method: str, requested: str, headers: dict[str, str]) -> Behaviour | None:
+        if requested == path and headers.get("Authorization") != "Bearer good":
+            return denied
+        return None
+
+    fake.responder = respond
+    cluster = start_cluster(make_proxy, fake, seaweed_server, tmp_path, PROXY_MODE="authenticated")
+    owner = owner_of(cluster, digest)
+    asker, stranger_at = [i for i in range(3) if i != owner]
+    good = {"Authorization": "Bearer good"}
+    pulled: dict[str, object] = {}
+
+    def pull() -> None:
+        with requests.get(f"{cluster[asker].url}{path}", headers=good, timeout=60) as r:
+            pulled["status"], pulled["body"] = r.status_code, r.content
+
+    puller = threading.Thread(target=pull)
+    puller.start()
+    deadline = time.monotonic() + 10
+    while not any(m == "GET" and p == path for m, p, _ in fake.received):
+        assert time.monotonic() < deadline, "the owner never fetched"
+        time.sleep(0.02)
+    for replica in (stranger_at, owner):  # while the owner's download runs
+        for headers in ({}, {"Authorization": "Bearer bad"}):
+            r = requests.get(f"{cluster[replica].url}{path}", headers=headers, timeout=60)
+            assert r.status_code == 401, (replica, headers, r.status_code)
+            assert data[:4096] not in r.content
+    puller.join(timeout=60)
+    assert pulled.get("status") == 200 and pulled.get("body") == data
+    deadline = time.monotonic() + 15
+    while (
+        not cluster[owner]
+        .s3_client()
+        .list_objects_v2(Bucket=BUCKET, Prefix=cluster[owner].s3_key(digest))
+        .get("KeyCount")
+    ):
+        assert time.monotonic() < deadline, "never committed"
+        time.sleep(0.1)
+    for replica in range(3):  # committed: every replica, with and without the credential
+        r = requests.get(f"{cluster[replica].url}{path}", timeout=60)
+        assert r.status_code == 401, (replica, r.status_code)
+        assert data[:4096] not in r.content
+        ranged = requests.get(
+            f"{cluster[replica].url}{path}", headers={"Range": "bytes=0-99"}, timeout=60
+        )
+        assert ranged.status_code == 401 and data[:100] not in ranged.content
+        with requests.get(f"{cluster[replica].url}{path}", headers=good, timeout=60) as ok:
+            assert ok.status_code in (200, 307), (replica, ok.status_code)
+    gets_with_access = [
+        m
+        for m, p, h in fake.received
+        if m == "GET" and p == path and h.get("Authorization") == "Bearer good"
+    ]
+    assert len(gets_with_access) == 1, "the cluster fetched the bytes once"
