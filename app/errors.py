@@ -6,6 +6,12 @@ import json
 from typing import Any
 
 
+class BodyCut(ConnectionAbortedError):
+    """A response whose status line is sent cannot be completed (its source failed): the
+    server closes the connection, and logs one line, not a traceback per client. An OSError,
+    so gunicorn hands it to app.worker.Worker instead of logging it itself."""
+
+
 class RegistryError(Exception):
     """An error the proxy answers itself, in the OCI error format."""
 

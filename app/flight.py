@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 import gevent
 
 from app import metrics
-from app.errors import RegistryError
+from app.errors import BodyCut, RegistryError
 from app.spool import (
     CHUNK,
     POLL,
@@ -61,7 +61,7 @@ STATE_WAIT = 120.0
 FILL_GRACE = 5.0
 
 
-class FlightError(Exception):
+class FlightError(BodyCut):
     """The fetch this reader followed failed part-way: the response must be cut short."""
 
 

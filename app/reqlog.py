@@ -167,7 +167,7 @@ def counted(body: Iterable[bytes], record: RequestRecord) -> Iterator[bytes]:
         for chunk in body:
             record.bytes_sent += len(chunk)
             yield chunk
-    except GeneratorExit:
+    except (GeneratorExit, OSError):  # the client left, or the source failed (BodyCut)
         record.outcome = "error" if record.outcome == "-" else record.outcome
         raise
     finally:

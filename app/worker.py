@@ -34,6 +34,7 @@ from gevent import socket as gsocket
 from gunicorn import http, util
 from gunicorn.workers.ggevent import GeventWorker
 
+from app.errors import BodyCut
 from app.serverhooks import Limits
 
 OVERFLOW_WAIT = 2.0  # seconds a connection without a slot has to send its request line
@@ -195,6 +196,9 @@ class Worker(GeventWorker):
                 addr[0] if isinstance(addr, tuple) else addr,
                 self.limits.send_timeout,
             )
+            raise StopIteration from None
+        except BodyCut as cut:
+            self.log.warning("%s %s: response cut short: %s", req.method, req.path, cut)
             raise StopIteration from None
         finally:
             with contextlib.suppress(OSError):

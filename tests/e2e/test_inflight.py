@@ -106,6 +106,9 @@ def test_a_range_of_a_flight_that_fails_is_cut_never_a_short_206(
         assert isinstance(client.get("error"), requests.RequestException), client.get("status")
     assert fake.count("GET", digest) == 1
     assert not proxy.is_cached(digest)
+    log = proxy.log()
+    assert log.count("response cut short") == 2, log[-3000:]  # the full GET and the span
+    assert "Traceback" not in log, "one line per cut client, not a traceback"
 
 
 def test_authenticated_range_needs_the_clients_own_access(
