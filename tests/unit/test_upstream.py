@@ -701,6 +701,34 @@ def test_configured_credentials_go_to_the_challenge_realm(
     assert len(token_calls(mock)) == 1
 
 
+def test_configured_identity_token_is_an_oauth2_refresh_grant(
+    mock: responses.RequestsMock, tmp_path: Path
+) -> None:
+    """A config.json identitytoken (docker login to an OAuth2 registry) is exchanged by the
+    form POST of the distribution token spec, never sent as Basic, and the token is reused."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"auths": {REG: {"identitytoken": "refresh-123"}}}))
+    mock.post(REALM, json={"access_token": "oauth-1", "expires_in": 300})
+    needs_token(mock, token="oauth-1")
+    upstream = make(upstream_auth_file=str(path))
+    assert upstream.send("GET", REG, PATH, ClientHeaders(), name=NAME).status_code == 200
+    [call] = token_calls(mock)
+    assert call.request.method == "POST"
+    assert "Authorization" not in call.request.headers
+    assert call.request.headers["Content-Type"] == "application/x-www-form-urlencoded"
+    form = parse_qs(str(call.request.body))
+    assert form == {
+        "grant_type": ["refresh_token"],
+        "refresh_token": ["refresh-123"],
+        "client_id": ["oci-pull-through"],
+        "service": ["registry.test"],
+        "scope": [f"repository:{NAME}:pull"],
+    }
+    assert urlsplit(call.request.url).query == "", "the secret is not in the URL"
+    upstream.send("GET", REG, PATH, ClientHeaders(), name=NAME)
+    assert len(token_calls(mock)) == 1
+
+
 def test_configured_credentials_as_basic(mock: responses.RequestsMock, tmp_path: Path) -> None:
     def callback(request: requests.PreparedRequest) -> tuple[int, dict[str, str], str]:
         if request.headers.get("Authorization") == AUTH_BASIC:
