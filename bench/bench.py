@@ -582,8 +582,39 @@ class Bench:
                 "<= P",
             )
 
+    def client_rows(self, label: str, pull: Callable[[str], float]) -> None:
+        """A client's pull of the 3-layer image from each server: cold (caches emptied)
+        against U and P, then warm against P."""
+
+        def x_cold() -> float:
+            self.clear_x()
+            return pull(self.x.host)
+
+        def p_cold() -> float:
+            self.clear_p()
+            return pull(self.p.host)
+
+        x, u, p = median_of(self.s.reps, x_cold, lambda: pull(self.u.host), p_cold)
+        self.row(
+            f"{label}, 3 layers, cold (s)",
+            f"{x:.2f}",
+            f"U {u:.2f} | P {p:.2f}",
+            f"{u / x:.2f} x U",
+            ">= 0.95 x U",
+        )
+        pull(self.x.host)
+        pull(self.p.host)
+        time.sleep(0.5)
+        x, p = median_of(self.s.reps, lambda: pull(self.x.host), lambda: pull(self.p.host))
+        self.row(
+            f"{label}, 3 layers, warm (s)",
+            f"{x:.2f}",
+            f"P {p:.2f}",
+            f"{p / x:.2f} x P",
+            ">= 1.0 x P",
+        )
+
     def skopeo(self) -> None:
-        s = self.s
 
         def pull(host: str) -> float:
             dest = Path(tempfile.mkdtemp(dir=self.work))
@@ -608,32 +639,7 @@ class Bench:
                 raise RuntimeError(proc.stderr)
             return seconds
 
-        def x_cold() -> float:
-            self.clear_x()
-            return pull(self.x.host)
-
-        def p_cold() -> float:
-            self.clear_p()
-            return pull(self.p.host)
-
-        x, u, p = median_of(s.reps, x_cold, lambda: pull(self.u.host), p_cold)
-        self.row(
-            "skopeo pull, 3 layers, cold (s)",
-            f"{x:.2f}",
-            f"U {u:.2f} | P {p:.2f}",
-            f"{u / x:.2f} x U",
-            ">= 0.95 x U",
-        )
-        pull(self.x.host)
-        time.sleep(0.5)
-        x, p = median_of(s.reps, lambda: pull(self.x.host), lambda: pull(self.p.host))
-        self.row(
-            "skopeo pull, 3 layers, warm (s)",
-            f"{x:.2f}",
-            f"P {p:.2f}",
-            f"{p / x:.2f} x P",
-            ">= 1.0 x P",
-        )
+        self.client_rows("skopeo pull", pull)
 
     def cluster_cold(self) -> None:
         """30 cold GETs spread over 3 replicas on one S3 bucket: with PEERS (one upstream GET
@@ -711,33 +717,7 @@ class Bench:
                     raise RuntimeError(proc.stderr)
                 return time.perf_counter() - start
 
-            def x_cold() -> float:
-                self.clear_x()
-                return pull(self.x.host)
-
-            def p_cold() -> float:
-                self.clear_p()
-                return pull(self.p.host)
-
-            x, u, p = median_of(self.s.reps, x_cold, lambda: pull(self.u.host), p_cold)
-            self.row(
-                "ctr pull, 3 layers, cold (s)",
-                f"{x:.2f}",
-                f"U {u:.2f} | P {p:.2f}",
-                f"{u / x:.2f} x U",
-                ">= 0.95 x U",
-            )
-            pull(self.x.host)
-            pull(self.p.host)
-            time.sleep(0.5)
-            x, p = median_of(self.s.reps, lambda: pull(self.x.host), lambda: pull(self.p.host))
-            self.row(
-                "ctr pull, 3 layers, warm (s)",
-                f"{x:.2f}",
-                f"P {p:.2f}",
-                f"{p / x:.2f} x P",
-                ">= 1.0 x P",
-            )
+            self.client_rows("ctr pull", pull)
         finally:
             daemon.stop()
 

@@ -22,7 +22,7 @@ import requests
 
 from app.peers import AUTH_HEADER, CREDENTIAL_HEADER, PeerAuth, canonical_url, rendezvous
 from app.storage import keys
-from tests.harness.fakeupstream import Behaviour, FakeUpstream
+from tests.harness.fakeupstream import FakeUpstream, bearer_only
 from tests.harness.ports import free_port
 from tests.harness.proxyproc import ProxyServer
 from tests.harness.scrape import metric
@@ -274,14 +274,7 @@ def test_authenticated_mode_across_replicas_serves_no_one_without_their_own_acce
     committed, gets upstream's 401 and none of the bytes."""
     digest, data = fake.blob("private/app", 8 * MiB, chunk=256 * 1024, delay_per_chunk=0.05)
     path = f"/v2/private/app/blobs/{digest}"
-    denied = Behaviour(status=401, body=b'{"errors":[{"code":"UNAUTHORIZED"}]}')
-
-    def respond(method: str, requested: str, headers: dict[str, str]) -> Behaviour | None:
-        if requested == path and headers.get("Authorization") != "Bearer good":
-            return denied
-        return None
-
-    fake.responder = respond
+    fake.responder = bearer_only(path, "good")
     cluster = start_cluster(make_proxy, fake, seaweed_server, tmp_path, PROXY_MODE="authenticated")
     owner = owner_of(cluster, digest)
     asker, stranger_at = [i for i in range(3) if i != owner]

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 import requests
 
-from tests.harness.fakeupstream import Behaviour, FakeUpstream
+from tests.harness.fakeupstream import FakeUpstream, bearer_only
 from tests.harness.proxyproc import ProxyServer
 
 pytestmark = pytest.mark.e2e
@@ -118,14 +118,7 @@ def test_authenticated_range_needs_the_clients_own_access(
     not bytes from the flight (§15); with them, a 206 from the flight."""
     digest, data = _slow_blob(fake, "inflight/private")
     path = f"/v2/inflight/private/blobs/{digest}"
-    denied = Behaviour(status=401, body=b'{"errors":[{"code":"UNAUTHORIZED"}]}')
-
-    def respond(method: str, requested: str, headers: dict[str, str]) -> Behaviour | None:
-        if requested == path and headers.get("Authorization") != "Bearer good":
-            return denied
-        return None
-
-    fake.responder = respond
+    fake.responder = bearer_only(path, "good")
     proxy = make_proxy(
         {
             "UPSTREAM_REGISTRY": fake.host,  # the registry credentials are forwarded to

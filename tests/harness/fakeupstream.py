@@ -200,3 +200,16 @@ def in_turn(
         return answer
 
     return respond
+
+
+def bearer_only(path: str, token: str) -> Callable[[str, str, dict[str, str]], Behaviour | None]:
+    """A FakeUpstream.responder for a private object: path answers 401 to any request that
+    does not carry `Authorization: Bearer <token>` (the other paths go to the routes)."""
+    denied = Behaviour(status=401, body=b'{"errors":[{"code":"UNAUTHORIZED"}]}')
+
+    def respond(method: str, requested: str, headers: dict[str, str]) -> Behaviour | None:
+        if requested == path and headers.get("Authorization") != f"Bearer {token}":
+            return denied
+        return None
+
+    return respond
