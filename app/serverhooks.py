@@ -8,9 +8,11 @@ modules are imported inside the functions that need them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -168,18 +170,29 @@ def post_worker_init(worker: Any) -> None:
         in_fd, out_fd = file.fileno(), self.fileno()
         if count is None:
             count = os.fstat(in_fd).st_size - offset
+        # Corked, the kernel sends full segments only (nginx's tcp_nopush): one client's
+        # 256 MiB hit went from ~0.8 to ~0.95 x nginx. Uncorked at the end, so the last
+        # partial segment leaves at once.
+        corked = self.family in (socket.AF_INET, socket.AF_INET6)
+        if corked:
+            self.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
         sent_total = 0
-        while sent_total < count:
-            try:
-                sent = os.sendfile(
-                    out_fd, in_fd, offset + sent_total, min(count - sent_total, 1 << 30)
-                )
-            except BlockingIOError:
-                self._wait(self._write_event)
-                continue
-            if sent == 0:
-                break
-            sent_total += sent
+        try:
+            while sent_total < count:
+                try:
+                    sent = os.sendfile(
+                        out_fd, in_fd, offset + sent_total, min(count - sent_total, 1 << 30)
+                    )
+                except BlockingIOError:
+                    self._wait(self._write_event)
+                    continue
+                if sent == 0:
+                    break
+                sent_total += sent
+        finally:
+            if corked:
+                with contextlib.suppress(OSError):  # the client may be gone
+                    self.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
         return sent_total
 
     gsocket.socket.sendfile = sendfile

@@ -59,7 +59,7 @@ def test_filesystem_hits_use_sendfile(
     (worker,) = proxy.worker_pids()
     trace = tmp_path / "strace.out"
     tracer = subprocess.Popen(
-        ["strace", "-f", "-e", "trace=sendfile", "-o", str(trace), "-p", str(worker)],
+        ["strace", "-f", "-e", "trace=sendfile,setsockopt", "-o", str(trace), "-p", str(worker)],
         stderr=subprocess.DEVNULL,
     )
     try:
@@ -88,6 +88,9 @@ def test_filesystem_hits_use_sendfile(
                 sent += int(result)
     assert calls >= 2, trace.read_text()[-2000:]
     assert sent == len(data) + 2099000, f"sendfile carried {sent} bytes in {calls} calls"
+    # corked while sendfile runs, uncorked after (full segments, as nginx's tcp_nopush)
+    corks = [line for line in trace.read_text().splitlines() if "TCP_CORK" in line]
+    assert [c.split("TCP_CORK, [")[1][0] for c in corks] == ["1", "0", "1", "0"], corks
 
 
 def test_range_edge_cases_on_hits(
