@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 import requests
 
-from tests.harness.fakeupstream import FakeUpstream, bearer_only
+from tests.harness.fakeupstream import Behaviour, FakeUpstream, bearer_only
 from tests.harness.proxyproc import ProxyServer
 
 pytestmark = pytest.mark.e2e
@@ -146,3 +146,30 @@ def test_authenticated_range_needs_the_clients_own_access(
         if m == "GET" and p == path and h.get("Authorization") == "Bearer good"
     ]
     assert len(gets_with_access) == 1, "the entitled Range read the flight"
+
+
+def test_another_registrys_flight_never_answers_a_range_or_head(
+    make_proxy: Callable[..., ProxyServer], fake: FakeUpstream
+) -> None:
+    """Attack: a registry anyone can run streams other bytes under a digest a victim pulls
+    from its own registry. While that download runs, the victim's Range and HEAD through
+    the real registry must be answered by the real registry, not by the other flight."""
+    digest, good = fake.blob("lib/app", 1024 * 1024)
+    with FakeUpstream() as evil:
+        bad = b"x" * SIZE  # not the digest's bytes, and another length
+        evil.routes[f"/v2/lib/app/blobs/{digest}"] = Behaviour(
+            body=bad, chunk=64 * 1024, delay_per_chunk=0.04
+        )
+        proxy = make_proxy({"INSECURE_REGISTRIES": f"{fake.host},{evil.host}"})
+        attacker = _start_full_get(f"{proxy.url}/v2/{evil.host}/lib/app/blobs/{digest}")
+        _wait_for_upstream_get(evil, digest)
+        url = f"{proxy.url}/v2/{fake.host}/lib/app/blobs/{digest}"
+        head = requests.head(url, timeout=30)
+        assert head.status_code == 200 and head.headers["Content-Length"] == str(len(good))
+        r = requests.get(url, headers={"Range": "bytes=0-99"}, timeout=30)
+        assert r.status_code in (200, 206)  # the fake registry ignores Range: its whole blob
+        assert r.content[:100] == good[:100]
+        assert b"x" * 100 not in r.content
+        assert fake.count("HEAD", digest) == 1 and fake.count("GET", digest) == 1
+        attacker["thread"].join(timeout=60)  # type: ignore[attr-defined]
+    assert not proxy.is_cached(digest), "the other bytes never match the digest"
