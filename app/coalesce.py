@@ -4,7 +4,6 @@ request. Which flight a request may share is the caller's decision (the flight k
 
 from __future__ import annotations
 
-import itertools
 import os
 from collections.abc import Callable, Iterator
 
@@ -129,14 +128,39 @@ class Coalescer:
         return reply
 
 
-def _primed(target: Target, body: Iterator[bytes]) -> Iterator[bytes]:
+class _Primed:
+    """A body whose first chunk was read already; close() still reaches the flight's
+    generator, so a client that hangs up leaves the flight at once (not at garbage
+    collection)."""
+
+    def __init__(self, first: bytes, rest: Iterator[bytes]) -> None:
+        self._first: bytes | None = first or None
+        self._rest = rest
+
+    def __iter__(self) -> _Primed:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        return next(self._rest)
+
+    def close(self) -> None:
+        """Close the flight's generator (its finally releases the ticket and spool)."""
+        close = getattr(self._rest, "close", None)
+        if close is not None:
+            close()
+
+
+def _primed(target: Target, body: Iterator[bytes]) -> _Primed:
     """The body with its first chunk already read, so a flight that fails before this
     client's first byte is a 502 error document, not a status line and a cut."""
     try:
         first = next(body, b"")
     except FlightError as exc:
         raise UpstreamUnavailable(target.registry, str(exc)) from None
-    return itertools.chain((first,) if first else (), body)
+    return _Primed(first, body)
 
 
 def _answer(

@@ -147,3 +147,26 @@ def test_follow_joins_only_a_running_flight_and_reads_a_span(tmp_path: Path) -> 
     assert b"".join(leader.body(fd, head.length)) == BODY
     assert flights.follow("k") is None, "the flight is over"
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_primed_body_closed_by_the_server_leaves_the_flight_at_once(tmp_path: Path) -> None:
+    """The read path reads a follower's first chunk before answering (app/coalesce.py); the
+    server's close() of that body must still end the follower's place in the flight."""
+    from app.coalesce import _primed
+    from app.oci import BLOB, Target
+
+    flights = Flights(str(tmp_path))
+    leader = flights.join("k")
+    leader.start(fetcher(CHUNKS))
+    follower = flights.join("k")
+    head, fd = follower.head()
+    body = _primed(
+        Target("r.test", "a/b", BLOB, "sha256:" + "0" * 64), follower.body(fd, head.length)
+    )
+    assert next(iter(body)) == CHUNKS[0]
+    keep = [body]  # the server still holds the body: only close() may release the ticket
+    body.close()
+    assert follower._closed, "closing the body released the follower's ticket"
+    head, fd = leader.head()
+    assert b"".join(leader.body(fd, head.length)) == BODY
+    del keep
